@@ -1,0 +1,249 @@
+//! A shard's log: its segments in order, addressed by log position.
+//!
+//! A log position is a byte address that grows across segments: segment files are
+//! named by the position of their first byte, and a record's position is its segment's
+//! base plus its offset in the file. Positions only grow, except that recovery may cut
+//! a torn tail and write there again.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::storage::error::{AppendError, IoError};
+use crate::storage::record::{
+    DecodeError, FrameMeta, FrameView, decode_frame, decode_frame_unchecked,
+};
+use crate::storage::segment::{SEGMENT_HEADER_LEN, Segment, sync_dir};
+
+/// Space reserved for segment files across a whole store, against an optional budget.
+#[derive(Debug)]
+pub struct DiskBudget {
+    limit: Option<u64>,
+    used: AtomicU64,
+}
+
+impl DiskBudget {
+    pub fn new(limit: Option<u64>) -> Self {
+        DiskBudget {
+            limit,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Reserves `bytes`, or says how far over the budget that would go.
+    pub fn reserve(&self, bytes: u64) -> Result<(), AppendError> {
+        let Some(limit) = self.limit else {
+            self.used.fetch_add(bytes, Ordering::Relaxed);
+            return Ok(());
+        };
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used + bytes <= limit).then_some(used + bytes)
+            })
+            .map(|_| ())
+            .map_err(|used| AppendError::DiskBudgetExceeded {
+                used,
+                budget: limit,
+                needed: bytes,
+            })
+    }
+
+    /// Counts bytes that exist already (found at start-up), budget or not.
+    pub fn force_reserve(&self, bytes: u64) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn release(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// The segments of one shard.
+#[derive(Debug)]
+pub struct SegmentLog {
+    dir: PathBuf,
+    shard: u32,
+    generation: u64,
+    segment_bytes: u64,
+    budget: Arc<DiskBudget>,
+    /// Ordered by base; the last one is written to (if it has room).
+    segments: Vec<Segment>,
+}
+
+impl SegmentLog {
+    /// A log over `segments` (recovered, in order, possibly none).
+    pub fn new(
+        dir: &Path,
+        shard: u32,
+        generation: u64,
+        segment_bytes: u64,
+        budget: Arc<DiskBudget>,
+        segments: Vec<Segment>,
+    ) -> Self {
+        SegmentLog {
+            dir: dir.to_owned(),
+            shard,
+            generation,
+            segment_bytes,
+            budget,
+            segments,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// Position of the oldest retained byte of data: pointers below it lead to
+    /// history that is gone.
+    pub fn start(&self) -> u64 {
+        self.segments
+            .first()
+            .map_or(0, |s| s.base() + SEGMENT_HEADER_LEN as u64)
+    }
+
+    /// Position just past the newest data: where the next frame goes.
+    pub fn end(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.end())
+    }
+
+    /// Bytes the segment files take on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.capacity() as u64).sum()
+    }
+
+    /// The segment holding data at `pos` and the offset in its file.
+    fn locate(&self, pos: u64) -> Option<(&Segment, usize)> {
+        let index = match self.segments.binary_search_by(|s| s.base().cmp(&pos)) {
+            Ok(i) => i,
+            Err(0) => return None,
+            Err(i) => i - 1,
+        };
+        let segment = &self.segments[index];
+        let at = (pos - segment.base()) as usize;
+        (at >= SEGMENT_HEADER_LEN && at < segment.len()).then_some((segment, at))
+    }
+
+    /// Data bytes from `pos` to the end of its segment's data.
+    pub fn bytes_at(&self, pos: u64) -> Option<&[u8]> {
+        // The newest segment is by far the most read: look there first.
+        if let Some(last) = self.segments.last()
+            && pos >= last.base()
+        {
+            let at = (pos - last.base()) as usize;
+            return (at >= SEGMENT_HEADER_LEN && at < last.len()).then(|| last.data_from(at));
+        }
+        self.locate(pos).map(|(segment, at)| segment.data_from(at))
+    }
+
+    /// The frame at `pos`, CRC verified.
+    pub fn frame_at(&self, pos: u64) -> Result<FrameView<'_>, DecodeError> {
+        let bytes = self.bytes_at(pos).ok_or(DecodeError::Truncated {
+            needed: 8,
+            available: 0,
+        })?;
+        decode_frame(bytes)
+    }
+
+    /// The fields of the frame at `pos`, without a CRC check: for frames this process
+    /// wrote or verified during recovery.
+    pub fn meta_at(&self, pos: u64) -> Option<(FrameMeta, &[u8])> {
+        let view = decode_frame_unchecked(self.bytes_at(pos)?).ok()?;
+        Some((view.meta, view.topic))
+    }
+
+    /// The topic name stored at `pos`, without a CRC check.
+    pub fn topic_at(&self, pos: u64) -> Option<&[u8]> {
+        self.meta_at(pos).map(|(_, topic)| topic)
+    }
+
+    /// Makes sure the newest segment has `bytes` of room, sealing it and starting a new
+    /// one if needed. Fails without changing anything on a full disk or budget.
+    pub fn ensure_room(&mut self, bytes: usize) -> Result<(), AppendError> {
+        if self.segments.last().is_some_and(|s| s.remaining() >= bytes) {
+            return Ok(());
+        }
+        self.budget.reserve(self.segment_bytes)?;
+        // Seal first: the data of every segment but the newest is then on disk, which
+        // is what recovery assumes of sealed segments.
+        if let Some(last) = self.segments.last_mut() {
+            match last.seal() {
+                Ok(freed) => self.budget.release(freed),
+                Err(error) => {
+                    self.budget.release(self.segment_bytes);
+                    return Err(error.into());
+                }
+            }
+        }
+        let base = self.end();
+        let created = Segment::create(
+            &self.dir,
+            self.shard,
+            base,
+            self.segment_bytes,
+            self.generation,
+        );
+        let segment = match created {
+            Ok(segment) => segment,
+            Err(error) => {
+                self.budget.release(self.segment_bytes);
+                return Err(error.into());
+            }
+        };
+        tracing::debug!(shard = self.shard, base, "started segment");
+        self.segments.push(segment);
+        Ok(())
+    }
+
+    /// Adds a segment found by recovery after the ones already here.
+    pub fn push_recovered(&mut self, segment: Segment) {
+        self.segments.push(segment);
+    }
+
+    pub fn newest_mut(&mut self) -> Option<&mut Segment> {
+        self.segments.last_mut()
+    }
+
+    /// The segment appends go to (call [`SegmentLog::ensure_room`] first).
+    pub fn active_mut(&mut self) -> &mut Segment {
+        self.segments
+            .last_mut()
+            .expect("ensure_room created a segment")
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.segments.last().is_some_and(Segment::is_dirty)
+    }
+
+    /// Forces the newest segment's data to disk (older ones were synced when sealed).
+    pub fn sync(&mut self) -> Result<(), IoError> {
+        match self.segments.last_mut() {
+            Some(segment) => segment.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes the oldest segment, unless it is the only one. Returns its newest
+    /// timestamp and the position where the log now starts.
+    pub fn drop_oldest(&mut self) -> Result<Option<u64>, IoError> {
+        if self.segments.len() < 2 {
+            return Ok(None);
+        }
+        let oldest = self.segments.remove(0);
+        let bytes = oldest.capacity() as u64;
+        let path = oldest.path().to_owned();
+        oldest.delete()?;
+        sync_dir(&self.dir)?;
+        self.budget.release(bytes);
+        tracing::info!(shard = self.shard, path = %path.display(), "retention dropped segment");
+        Ok(Some(self.start()))
+    }
+}

@@ -1,0 +1,37 @@
+//! The storage engine.
+//!
+//! # Layout
+//! - [`topic`]: topic name rules and the stable topic → shard hash.
+//! - [`record`]: the on-disk record frame (length, CRC32, fields) and its codec.
+//! - [`segment`]: one memory-mapped segment file (header, append, sync, seal).
+//! - [`log`]: a shard's ordered list of segments addressed by log position.
+//! - [`registry`]: the packed open-addressing table mapping a topic to its latest record.
+//! - [`shard`]: the single-writer shard — append, read, recovery, retention, epochs.
+//! - [`worker`]: the thread that owns a shard and runs group commit.
+//! - [`store`]: the public entry point — a data directory of shards behind one handle.
+//! - [`manifest`]: the data directory's manifest and generation state files.
+//! - [`config`]: storage settings, their defaults and validation.
+//! - [`error`]: the error types returned by the public API.
+//! - [`stats`]: counters exported for metrics.
+
+pub mod config;
+pub mod error;
+pub mod log;
+pub mod manifest;
+pub mod record;
+pub mod recovery;
+pub mod registry;
+pub mod segment;
+pub mod shard;
+pub mod stats;
+pub mod store;
+pub mod topic;
+mod worker;
+
+pub use config::{FsyncPolicy, Retention, StoreConfig};
+pub use error::{AppendError, OpenError, ReadError};
+pub use record::{Header, NewRecord, Record};
+pub use shard::{Appended, ReadBatch, ReadLimits, TopicInfo};
+pub use stats::StatsSnapshot;
+pub use store::{Ack, Store};
+pub use topic::{TopicNameError, shard_for_topic, validate_topic_name};

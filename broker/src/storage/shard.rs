@@ -1,0 +1,848 @@
+//! A shard: one append log holding many topics, owned by one writer.
+//!
+//! Every record points back to its topic's previous record (`prev_pos`) and to the
+//! record at `offset & (offset - 1)` (`skip_pos`), so a topic's history is a chain
+//! through the shared log that a reader walks without scanning other topics' records:
+//! finding offset `x` from the latest record takes O(log² n) hops, then the records up
+//! to the requested count are collected by `prev_pos`.
+//!
+//! # Epochs
+//! An epoch is `generation << 32 | n`: the store generation (bumped on every open)
+//! and a counter. A topic gets a new epoch when it is created — for the first time, or
+//! again after its whole history aged out — and on its first append after an unclean
+//! stop (or after recovery found damage), because records it had may have been lost.
+//! Records keep the epoch they were written with, so a reader that resumes from
+//! `(offset, epoch)` — epoch being that of record `offset - 1`, the last it saw —
+//! resumes exactly when that record still carries that epoch, and is told that
+//! history was lost otherwise.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::storage::config::Retention;
+use crate::storage::error::{AppendError, IoError, OpenError, ReadError};
+use crate::storage::log::{DiskBudget, SegmentLog};
+use crate::storage::record::{
+    FLAG_BATCH_END, FrameMeta, MAX_HEADER_KEY_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
+    NO_POSITION, NewRecord, Record, encode_frame, frame_len, headers_encoded_len, padded_len,
+};
+use crate::storage::recovery::{RecoveryReport, ScanEvent, recover_shard, scan_segment};
+use crate::storage::registry::TopicTable;
+use crate::storage::stats::ShardStats;
+use crate::storage::topic::{topic_hash, validate_topic_name};
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub offset: u64,
+    pub epoch: u64,
+}
+
+/// Bounds of one read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    pub max_records: usize,
+    /// Stop before the payloads exceed this many bytes (at least one record is
+    /// returned when one is available).
+    pub max_bytes: usize,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_records: 1000,
+            max_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Records read from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadBatch {
+    pub records: Vec<Record>,
+    /// The offset to read from next.
+    pub next_offset: u64,
+}
+
+/// What a topic holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicInfo {
+    /// Epoch of the latest record.
+    pub epoch: u64,
+    /// Oldest offset still retained.
+    pub earliest_offset: u64,
+    /// Offset the next record will get.
+    pub next_offset: u64,
+    pub latest_timestamp_ms: u64,
+}
+
+/// Settings a shard needs.
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    pub id: u32,
+    pub segment_bytes: u64,
+    pub max_record_bytes: u64,
+    pub max_batch_bytes: u64,
+    pub max_batch_records: usize,
+    pub retention: Retention,
+    /// Generation of this opening of the store (epochs are made from it).
+    pub generation: u64,
+    /// Topics whose latest epoch is below this get a new epoch on their next append.
+    pub epoch_floor: u64,
+    /// The previous stop was clean (decides how much recovery verifies).
+    pub clean: bool,
+}
+
+/// Hands out epochs: `generation << 32 | counter`.
+#[derive(Debug)]
+struct EpochSource {
+    generation: u64,
+    issued: u32,
+}
+
+impl EpochSource {
+    fn remaining(&self) -> u64 {
+        u64::from(u32::MAX - self.issued)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.issued += 1;
+        self.generation << 32 | u64::from(self.issued)
+    }
+}
+
+/// How a walk along a topic's chain ended early.
+enum ChainBreak {
+    /// The pointer leads to history that retention removed; `earliest` is the oldest
+    /// offset reached.
+    NotRetained { earliest: u64 },
+    /// A record on the chain is unreadable or not the one expected.
+    Damaged {
+        position: u64,
+        source: crate::storage::record::DecodeError,
+    },
+}
+
+/// A single-writer shard.
+#[derive(Debug)]
+pub struct Shard {
+    options: ShardOptions,
+    log: SegmentLog,
+    topics: TopicTable,
+    epochs: EpochSource,
+    stats: Arc<ShardStats>,
+    /// Set when a sync failed: the page cache may have dropped data, so nothing more
+    /// is acknowledged.
+    failed: Option<String>,
+}
+
+impl Shard {
+    /// Opens (recovering) the shard in `dir`.
+    pub fn open(
+        dir: &Path,
+        options: ShardOptions,
+        budget: Arc<DiskBudget>,
+        stats: Arc<ShardStats>,
+    ) -> Result<(Shard, RecoveryReport), OpenError> {
+        if options.generation > u64::from(u32::MAX) {
+            return Err(OpenError::InvalidConfig {
+                reason: "store generation overflow".into(),
+            });
+        }
+        let (log, topics, report) = recover_shard(
+            dir,
+            options.id,
+            options.generation,
+            options.segment_bytes,
+            budget,
+            options.clean,
+            &stats,
+        )?;
+        stats
+            .topics
+            .store(topics.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .segment_bytes
+            .store(log.disk_bytes(), std::sync::atomic::Ordering::Relaxed);
+        let epochs = EpochSource {
+            generation: options.generation,
+            issued: 0,
+        };
+        Ok((
+            Shard {
+                options,
+                log,
+                topics,
+                epochs,
+                stats,
+                failed: None,
+            },
+            report,
+        ))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.options.id
+    }
+
+    pub fn topic_count(&self) -> usize {
+        self.topics.len()
+    }
+
+    /// Heap bytes of the topic registry.
+    pub fn registry_memory_bytes(&self) -> usize {
+        self.topics.memory_bytes()
+    }
+
+    pub fn stats(&self) -> &Arc<ShardStats> {
+        &self.stats
+    }
+
+    fn find_topic(&self, topic: &[u8]) -> Option<usize> {
+        let log = &self.log;
+        self.topics
+            .find(topic_hash(topic), |pos| log.topic_at(pos) == Some(topic))
+    }
+
+    fn latest_pos(&self, topic: &str) -> Option<u64> {
+        self.find_topic(topic.as_bytes())
+            .map(|i| self.topics.pos(i))
+    }
+
+    /// Retires epochs below `floor` (see the module docs).
+    pub fn set_epoch_floor(&mut self, floor: u64) {
+        self.options.epoch_floor = floor;
+    }
+
+    /// Appends a batch: all of it or, on error, none of it. The records are written
+    /// contiguously to the newest segment, the last one flagged as the batch's end.
+    /// They are in the page cache on return; [`Shard::sync`] makes them durable.
+    pub fn append(
+        &mut self,
+        records: &[NewRecord],
+        now_ms: u64,
+    ) -> Result<Vec<Appended>, AppendError> {
+        if let Some(reason) = &self.failed {
+            return Err(AppendError::ShardFailed {
+                shard: self.options.id,
+                reason: reason.clone(),
+            });
+        }
+        let o = &self.options;
+        let total = check_batch(
+            records,
+            o.max_record_bytes,
+            o.max_batch_bytes,
+            o.max_batch_records,
+        )?;
+        if self.epochs.remaining() < records.len() as u64 {
+            return Err(AppendError::EpochsExhausted);
+        }
+        if let Err(error) = self.log.ensure_room(total as usize) {
+            // Retention may free what the budget needs.
+            if !matches!(error, AppendError::DiskBudgetExceeded { .. })
+                || self.enforce_retention(now_ms)? == 0
+            {
+                return Err(error);
+            }
+            self.log.ensure_room(total as usize)?;
+        }
+        let mut appended = Vec::with_capacity(records.len());
+        let last = records.len() - 1;
+        for (i, record) in records.iter().enumerate() {
+            let flags = if i == last { FLAG_BATCH_END } else { 0 };
+            appended.push(self.append_one(record, flags, now_ms));
+        }
+        ShardStats::add(&self.stats.records_appended, records.len() as u64);
+        ShardStats::add(&self.stats.bytes_appended, total);
+        Ok(appended)
+    }
+
+    fn append_one(&mut self, record: &NewRecord, flags: u8, now_ms: u64) -> Appended {
+        let topic = record.topic.as_bytes();
+        let hash = topic_hash(topic);
+        let log = &self.log;
+        let found = self
+            .topics
+            .find(hash, |pos| log.topic_at(pos) == Some(topic));
+        let (offset, epoch, prev_pos, skip_pos) = match found {
+            Some(index) => {
+                let latest_pos = self.topics.pos(index);
+                let (latest, _) = self
+                    .log
+                    .meta_at(latest_pos)
+                    .expect("registry points at a record");
+                let offset = latest.offset + 1;
+                let epoch = if latest.epoch < self.options.epoch_floor {
+                    self.epochs.next()
+                } else {
+                    latest.epoch
+                };
+                (
+                    offset,
+                    epoch,
+                    latest_pos,
+                    self.skip_target(latest_pos, latest, offset),
+                )
+            }
+            None => (0, self.epochs.next(), NO_POSITION, NO_POSITION),
+        };
+        let meta = FrameMeta {
+            flags,
+            offset,
+            epoch,
+            timestamp_ms: now_ms,
+            prev_pos,
+            skip_pos,
+        };
+        let pos = self.log.end();
+        let segment = self.log.active_mut();
+        let written = encode_frame(
+            segment.spare_mut(),
+            &meta,
+            topic,
+            &record.headers,
+            &record.payload,
+        );
+        segment.commit(written, now_ms);
+        match found {
+            Some(index) => self.topics.set_pos(index, pos),
+            None => {
+                self.topics.insert(hash, pos);
+                ShardStats::add(&self.stats.topics, 1);
+            }
+        }
+        Appended { offset, epoch }
+    }
+
+    /// Position of the record at `offset & (offset - 1)`, found from the latest record
+    /// (`offset - 1`). Amortised one hop per append. Any doubt gives `NO_POSITION`,
+    /// which only makes later reads take more hops.
+    fn skip_target(&self, mut pos: u64, mut meta: FrameMeta, offset: u64) -> u64 {
+        let target = offset & (offset - 1);
+        let start = self.log.start();
+        while meta.offset > target {
+            let skip_offset = meta.offset & (meta.offset - 1);
+            let next = if skip_offset >= target && meta.skip_pos != NO_POSITION {
+                meta.skip_pos
+            } else {
+                meta.prev_pos
+            };
+            // Pointers only lead backwards; anything else is damage.
+            if next == NO_POSITION || next < start || next >= pos {
+                return NO_POSITION;
+            }
+            match self.log.meta_at(next) {
+                Some((m, _)) => (pos, meta) = (next, m),
+                None => return NO_POSITION,
+            }
+        }
+        if meta.offset == target {
+            pos
+        } else {
+            NO_POSITION
+        }
+    }
+
+    /// Forces appended data to disk. After a failure the shard refuses appends: the
+    /// kernel may have dropped the dirty pages, so nothing more can be promised.
+    pub fn sync(&mut self) -> Result<(), IoError> {
+        if !self.log.is_dirty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let result = self.log.sync();
+        ShardStats::add(&self.stats.fsyncs, 1);
+        ShardStats::add(&self.stats.fsync_nanos, started.elapsed().as_nanos() as u64);
+        if let Err(error) = &result {
+            tracing::error!(shard = self.options.id, %error, "sync failed; the shard stops accepting appends");
+            self.failed = Some(error.to_string());
+        }
+        result
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.log.is_dirty()
+    }
+
+    /// Drops segments past the retention limits; returns how many were dropped.
+    /// Topics whose latest record went with them leave the registry.
+    pub fn enforce_retention(&mut self, now_ms: u64) -> Result<usize, IoError> {
+        let Retention { max_bytes, max_age } = self.options.retention;
+        let mut dropped = 0;
+        while let Some(oldest) = self.log.segments().first() {
+            if self.log.segments().len() < 2 {
+                break;
+            }
+            let over_size = max_bytes.is_some_and(|max| self.log.disk_bytes() > max);
+            let too_old = max_age.is_some_and(|age| {
+                oldest
+                    .last_timestamp_ms()
+                    .saturating_add(age.as_millis() as u64)
+                    < now_ms
+            });
+            if !(over_size || too_old) {
+                break;
+            }
+            self.log.drop_oldest()?;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            let start = self.log.start();
+            let expired = self.topics.retain(|pos| pos >= start);
+            ShardStats::add(&self.stats.segments_dropped, dropped as u64);
+            ShardStats::add(&self.stats.topics_expired, expired as u64);
+            self.stats.topics.store(
+                self.topics.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        self.stats
+            .segment_bytes
+            .store(self.log.disk_bytes(), std::sync::atomic::Ordering::Relaxed);
+        Ok(dropped)
+    }
+
+    /// Follows one pointer of the chain of `topic`, checking that it leads to the
+    /// expected record.
+    fn hop(
+        &self,
+        topic: &[u8],
+        pointer: u64,
+        from: u64,
+        expected_offset: u64,
+        current_offset: u64,
+    ) -> Result<FrameMeta, ChainBreak> {
+        if pointer == NO_POSITION || pointer < self.log.start() {
+            return Err(ChainBreak::NotRetained {
+                earliest: current_offset,
+            });
+        }
+        if pointer >= from {
+            return Err(ChainBreak::Damaged {
+                position: from,
+                source: crate::storage::record::DecodeError::BadLayout {
+                    what: "pointer does not lead backwards",
+                },
+            });
+        }
+        match self.log.frame_at(pointer) {
+            Ok(view) if view.topic == topic && view.meta.offset == expected_offset => Ok(view.meta),
+            Ok(_) => Err(ChainBreak::Damaged {
+                position: pointer,
+                source: crate::storage::record::DecodeError::BadLayout {
+                    what: "pointer leads to another record",
+                },
+            }),
+            Err(source) => {
+                ShardStats::add(&self.stats.crc_errors, 1);
+                Err(ChainBreak::Damaged {
+                    position: pointer,
+                    source,
+                })
+            }
+        }
+    }
+
+    /// Walks back from the latest record to `target`; returns its position and fields.
+    fn descend(
+        &self,
+        topic: &[u8],
+        mut pos: u64,
+        mut meta: FrameMeta,
+        target: u64,
+    ) -> Result<(u64, FrameMeta), ChainBreak> {
+        let start = self.log.start();
+        while meta.offset > target {
+            let skip_offset = meta.offset & (meta.offset - 1);
+            let (next, expected) = if skip_offset >= target
+                && meta.skip_pos != NO_POSITION
+                && meta.skip_pos >= start
+            {
+                (meta.skip_pos, skip_offset)
+            } else {
+                (meta.prev_pos, meta.offset - 1)
+            };
+            meta = self.hop(topic, next, pos, expected, meta.offset)?;
+            pos = next;
+        }
+        Ok((pos, meta))
+    }
+
+    /// Positions of records `from..=last` by the chain.
+    fn chain_positions(
+        &self,
+        topic: &[u8],
+        latest_pos: u64,
+        latest: FrameMeta,
+        from: u64,
+        last: u64,
+    ) -> Result<Vec<u64>, ChainBreak> {
+        let (mut pos, mut meta) = self.descend(topic, latest_pos, latest, last)?;
+        let mut positions = Vec::with_capacity((last - from + 1) as usize);
+        positions.push(pos);
+        while meta.offset > from {
+            let next = meta.prev_pos;
+            meta = self.hop(topic, next, pos, meta.offset - 1, meta.offset)?;
+            pos = next;
+            positions.push(pos);
+        }
+        positions.reverse();
+        Ok(positions)
+    }
+
+    /// The latest record's fields, verified.
+    fn latest(&self, topic: &str) -> Result<Option<(u64, FrameMeta)>, ReadError> {
+        validate_topic_name(topic).map_err(|source| ReadError::InvalidTopic {
+            topic: topic.to_owned(),
+            source,
+        })?;
+        let Some(pos) = self.latest_pos(topic) else {
+            return Ok(None);
+        };
+        match self.log.frame_at(pos) {
+            Ok(view) => Ok(Some((pos, view.meta))),
+            Err(source) => Err(ReadError::CorruptRecord {
+                topic: topic.to_owned(),
+                offset: u64::MAX,
+                position: pos,
+                next: 0,
+                source,
+            }),
+        }
+    }
+
+    /// Reads `topic` forward from offset `from`.
+    pub fn read(&self, topic: &str, from: u64, limits: ReadLimits) -> Result<ReadBatch, ReadError> {
+        let Some((latest_pos, latest)) = self.latest(topic)? else {
+            return if from == 0 {
+                Ok(ReadBatch {
+                    records: Vec::new(),
+                    next_offset: 0,
+                })
+            } else {
+                Err(ReadError::OffsetOutOfRange {
+                    topic: topic.to_owned(),
+                    requested: from,
+                    next: 0,
+                })
+            };
+        };
+        let next = latest.offset + 1;
+        if from > next {
+            return Err(ReadError::OffsetOutOfRange {
+                topic: topic.to_owned(),
+                requested: from,
+                next,
+            });
+        }
+        if from == next || limits.max_records == 0 {
+            return Ok(ReadBatch {
+                records: Vec::new(),
+                next_offset: from,
+            });
+        }
+        let last = (next - 1).min(from.saturating_add(limits.max_records as u64 - 1));
+        let positions = match self.chain_positions(topic.as_bytes(), latest_pos, latest, from, last)
+        {
+            Ok(positions) => positions,
+            Err(ChainBreak::NotRetained { earliest }) => {
+                return Err(ReadError::OffsetNotRetained {
+                    topic: topic.to_owned(),
+                    requested: from,
+                    earliest,
+                });
+            }
+            Err(ChainBreak::Damaged { position, source }) => {
+                tracing::warn!(topic, position, %source, "damaged record on a topic's chain; reading by scan");
+                self.scan_positions(topic, from, last, latest_pos, position, source)?
+            }
+        };
+        let mut records = Vec::with_capacity(positions.len());
+        let mut bytes = 0;
+        for pos in positions {
+            let view = self
+                .log
+                .frame_at(pos)
+                .expect("verified while walking the chain");
+            if !records.is_empty() && bytes + view.payload.len() > limits.max_bytes {
+                break;
+            }
+            bytes += view.payload.len();
+            records.push(
+                view.to_record()
+                    .map_err(|source| ReadError::CorruptRecord {
+                        topic: topic.to_owned(),
+                        offset: view.meta.offset,
+                        position: pos,
+                        next: view.meta.offset + 1,
+                        source,
+                    })?,
+            );
+        }
+        let next_offset = from + records.len() as u64;
+        Ok(ReadBatch {
+            records,
+            next_offset,
+        })
+    }
+
+    /// The slow path for a broken chain: scan the whole retained log for the topic's
+    /// records, and return the run that starts at `from`.
+    fn scan_positions(
+        &self,
+        topic: &str,
+        from: u64,
+        last: u64,
+        latest_pos: u64,
+        damage: u64,
+        source: crate::storage::record::DecodeError,
+    ) -> Result<Vec<u64>, ReadError> {
+        let mut found = std::collections::BTreeMap::new();
+        let mut earliest = u64::MAX;
+        for segment in self.log.segments() {
+            if segment.base() > latest_pos {
+                break;
+            }
+            scan_segment(segment, segment.len(), true, |event| {
+                if let ScanEvent::Frame { pos, view } = event
+                    && pos <= latest_pos
+                    && view.topic == topic.as_bytes()
+                {
+                    earliest = earliest.min(view.meta.offset);
+                    if (from..=last).contains(&view.meta.offset) {
+                        found.insert(view.meta.offset, pos);
+                    }
+                }
+            });
+        }
+        if from < earliest {
+            return Err(ReadError::OffsetNotRetained {
+                topic: topic.to_owned(),
+                requested: from,
+                earliest,
+            });
+        }
+        let positions: Vec<u64> = (from..=last)
+            .map_while(|offset| found.get(&offset).copied())
+            .collect();
+        if positions.is_empty() {
+            return Err(ReadError::CorruptRecord {
+                topic: topic.to_owned(),
+                offset: from,
+                position: damage,
+                next: from + 1,
+                source,
+            });
+        }
+        Ok(positions)
+    }
+
+    /// The last `count` retained records of `topic`.
+    pub fn read_latest(
+        &self,
+        topic: &str,
+        count: usize,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, ReadError> {
+        let Some(info) = self.topic_info(topic)? else {
+            return Ok(ReadBatch {
+                records: Vec::new(),
+                next_offset: 0,
+            });
+        };
+        let from = info
+            .next_offset
+            .saturating_sub(count as u64)
+            .max(info.earliest_offset);
+        self.read(
+            topic,
+            from,
+            ReadLimits {
+                max_records: count,
+                max_bytes,
+            },
+        )
+    }
+
+    /// Offsets, epoch and retained range of `topic`, or `None` if it has no records.
+    pub fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, ReadError> {
+        let Some((pos, latest)) = self.latest(topic)? else {
+            return Ok(None);
+        };
+        Ok(Some(TopicInfo {
+            epoch: latest.epoch,
+            earliest_offset: self.earliest_offset(topic, pos, latest),
+            next_offset: latest.offset + 1,
+            latest_timestamp_ms: latest.timestamp_ms,
+        }))
+    }
+
+    fn earliest_offset(&self, topic: &str, pos: u64, latest: FrameMeta) -> u64 {
+        match self.descend(topic.as_bytes(), pos, latest, 0) {
+            Ok((_, meta)) => meta.offset,
+            Err(ChainBreak::NotRetained { earliest }) => earliest,
+            Err(ChainBreak::Damaged { .. }) => {
+                // Find the oldest record by scan (rare: only after damage).
+                match self.scan_positions(
+                    topic,
+                    0,
+                    0,
+                    pos,
+                    0,
+                    crate::storage::record::DecodeError::End,
+                ) {
+                    Err(ReadError::OffsetNotRetained { earliest, .. }) => earliest,
+                    _ => 0,
+                }
+            }
+        }
+    }
+
+    /// Checks that a reader can resume `topic` exactly at `offset`, having last seen a
+    /// record of epoch `epoch` (the epoch of record `offset - 1`).
+    pub fn validate_position(&self, topic: &str, offset: u64, epoch: u64) -> Result<(), ReadError> {
+        let info = self.topic_info(topic)?;
+        let lost = |info: Option<TopicInfo>| {
+            let info = info.unwrap_or(TopicInfo {
+                epoch: 0,
+                earliest_offset: 0,
+                next_offset: 0,
+                latest_timestamp_ms: 0,
+            });
+            Err(ReadError::HistoryLost {
+                topic: topic.to_owned(),
+                offset,
+                epoch,
+                current_epoch: info.epoch,
+                earliest: info.earliest_offset,
+                next: info.next_offset,
+            })
+        };
+        let Some(current) = info else {
+            return if offset == 0 { Ok(()) } else { lost(None) };
+        };
+        if offset > current.next_offset {
+            return if epoch == current.epoch {
+                Err(ReadError::OffsetOutOfRange {
+                    topic: topic.to_owned(),
+                    requested: offset,
+                    next: current.next_offset,
+                })
+            } else {
+                lost(info)
+            };
+        }
+        if offset < current.earliest_offset {
+            return lost(info);
+        }
+        // The record the reader saw last, or (when it aged out) the first it will see.
+        let check = if offset > current.earliest_offset {
+            offset - 1
+        } else {
+            offset
+        };
+        let seen = self.read(
+            topic,
+            check,
+            ReadLimits {
+                max_records: 1,
+                max_bytes: 0,
+            },
+        )?;
+        match seen.records.first() {
+            Some(record) if record.epoch == epoch => Ok(()),
+            _ => lost(info),
+        }
+    }
+
+    /// Scans every record of the shard in log order (for tools and tests).
+    pub fn for_each_record(&self, mut f: impl FnMut(u64, Record)) {
+        for segment in self.log.segments() {
+            scan_segment(segment, segment.len(), true, |event| {
+                if let ScanEvent::Frame { pos, view } = event
+                    && let Ok(record) = view.to_record()
+                {
+                    f(pos, record);
+                }
+            });
+        }
+    }
+}
+
+/// Checks a batch against the limits; returns its encoded size in the log.
+pub fn check_batch(
+    records: &[NewRecord],
+    max_record_bytes: u64,
+    max_batch_bytes: u64,
+    max_batch_records: usize,
+) -> Result<u64, AppendError> {
+    if records.is_empty() {
+        return Err(AppendError::EmptyBatch);
+    }
+    if records.len() > max_batch_records {
+        return Err(AppendError::TooManyRecords {
+            count: records.len(),
+            max: max_batch_records,
+        });
+    }
+    let mut total = 0u64;
+    for record in records {
+        validate_topic_name(&record.topic).map_err(|source| AppendError::InvalidTopic {
+            topic: record.topic.clone(),
+            source,
+        })?;
+        validate_headers(record)?;
+        let size = padded_len(frame_len(
+            record.topic.len(),
+            headers_encoded_len(&record.headers),
+            record.payload.len(),
+        )) as u64;
+        if size > max_record_bytes {
+            return Err(AppendError::RecordTooLarge {
+                topic: record.topic.clone(),
+                size,
+                max: max_record_bytes,
+            });
+        }
+        total += size;
+    }
+    if total > max_batch_bytes {
+        return Err(AppendError::BatchTooLarge {
+            size: total,
+            max: max_batch_bytes,
+        });
+    }
+    Ok(total)
+}
+
+fn validate_headers(record: &NewRecord) -> Result<(), AppendError> {
+    let invalid = |reason: String| {
+        Err(AppendError::InvalidHeader {
+            topic: record.topic.clone(),
+            reason,
+        })
+    };
+    if record.headers.len() > MAX_HEADERS {
+        return invalid(format!(
+            "{} headers; the limit is {MAX_HEADERS}",
+            record.headers.len()
+        ));
+    }
+    for header in &record.headers {
+        if header.key.is_empty() || header.key.len() > MAX_HEADER_KEY_BYTES {
+            return invalid(format!(
+                "key {:?} must be 1 to {MAX_HEADER_KEY_BYTES} bytes",
+                header.key
+            ));
+        }
+        if header.value.len() > MAX_HEADER_VALUE_BYTES {
+            return invalid(format!(
+                "value of {:?} is {} bytes; the limit is {MAX_HEADER_VALUE_BYTES}",
+                header.key,
+                header.value.len()
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,552 @@
+//! The store: a data directory of shards, each owned by its own writer thread, behind
+//! one cloneable handle.
+//!
+//! ```no_run
+//! use switchyard_broker::storage::{Ack, NewRecord, ReadLimits, Store, StoreConfig};
+//!
+//! let store = Store::open(StoreConfig::new("data"))?;
+//! let appended = store.append(
+//!     vec![NewRecord::new("guild.1", &b"{\"op\":0}"[..]).with_header("type", "MESSAGE_CREATE")],
+//!     Ack::Durable,
+//! )?;
+//! let batch = store.read("guild.1", appended[0].offset, ReadLimits::default())?;
+//! assert_eq!(batch.records.len(), 1);
+//! store.close()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::Sender;
+use tokio::sync::oneshot;
+
+use crate::storage::config::StoreConfig;
+use crate::storage::error::{AppendError, IoError, OpenError, ReadError};
+use crate::storage::log::DiskBudget;
+use crate::storage::manifest::{
+    CLEAN_FILE, DirLock, MANIFEST_FILE, Manifest, STATE_FILE, State, read_optional, shard_dir,
+    write_atomic,
+};
+use crate::storage::record::NewRecord;
+use crate::storage::recovery::RecoveryReport;
+use crate::storage::segment::sync_dir;
+use crate::storage::shard::{
+    Appended, ReadBatch, ReadLimits, Shard, ShardOptions, TopicInfo, check_batch,
+};
+use crate::storage::stats::{ShardStats, StatsSnapshot};
+use crate::storage::topic::shard_for_topic;
+use crate::storage::worker::{self, Command};
+
+/// When an append is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ack {
+    /// Once the records are in the log (page cache): readable by subscribers, lost if
+    /// the machine (not only the process) stops before the next sync.
+    #[default]
+    Written,
+    /// Once the sync covering the records has completed.
+    Durable,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: StoreConfig,
+    shard_count: u32,
+    senders: Vec<Sender<Command>>,
+    stats: Vec<Arc<ShardStats>>,
+    reports: Vec<RecoveryReport>,
+    budget: Arc<DiskBudget>,
+    /// Worker threads; taken by the first close.
+    threads: Mutex<Option<Vec<JoinHandle<()>>>>,
+    generation: u64,
+    /// Held while open: a second process must not write the same files.
+    _lock: DirLock,
+}
+
+/// An open data directory. Cheap to clone; every clone talks to the same shards.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads or creates the manifest.
+fn load_manifest(config: &StoreConfig) -> Result<Manifest, OpenError> {
+    let path = config.data_dir.join(MANIFEST_FILE);
+    if let Some(bytes) = read_optional(&path)? {
+        let manifest = Manifest::decode(&path, &bytes)?;
+        if manifest.shard_count != config.shard_count {
+            tracing::warn!(
+                configured = config.shard_count,
+                existing = manifest.shard_count,
+                "the data directory's shard count is fixed; using the existing one"
+            );
+        }
+        return Ok(manifest);
+    }
+    let manifest = Manifest {
+        shard_count: config.shard_count,
+        created_ms: now_ms(),
+    };
+    write_atomic(&config.data_dir, MANIFEST_FILE, &manifest.encode())?;
+    Ok(manifest)
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory, recovers every shard and starts
+    /// their writer threads.
+    pub fn open(config: StoreConfig) -> Result<Store, OpenError> {
+        config.validate()?;
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| IoError::new("creating data directory", &dir, e))?;
+        let lock = DirLock::acquire(&dir)?;
+        let fresh = read_optional(&dir.join(MANIFEST_FILE))?.is_none();
+        let manifest = load_manifest(&config)?;
+        let state_path = dir.join(STATE_FILE);
+        let state = match read_optional(&state_path)? {
+            Some(bytes) => State::decode(&state_path, &bytes)?,
+            None => State::default(),
+        };
+        let clean = fresh || dir.join(CLEAN_FILE).exists();
+        let generation = state.generation + 1;
+        let budget = Arc::new(DiskBudget::new(config.disk_budget_bytes));
+        let opened = Self::recover_shards(
+            &config,
+            &manifest,
+            generation,
+            state.epoch_floor,
+            clean,
+            &budget,
+        )?;
+        let damaged = opened.iter().any(|(_, report, _)| report.found_damage());
+        // Epochs made before an unclean stop may be missing records: retire them.
+        let epoch_floor = if !clean || damaged {
+            generation << 32
+        } else {
+            state.epoch_floor
+        };
+        write_atomic(
+            &dir,
+            STATE_FILE,
+            &State {
+                generation,
+                epoch_floor,
+            }
+            .encode(),
+        )?;
+        match std::fs::remove_file(dir.join(CLEAN_FILE)) {
+            Ok(()) => sync_dir(&dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(IoError::new("removing", dir.join(CLEAN_FILE), e).into()),
+        }
+        let mut senders = Vec::new();
+        let mut stats = Vec::new();
+        let mut reports = Vec::new();
+        let mut threads = Vec::new();
+        for (mut shard, report, shard_stats) in opened {
+            shard.set_epoch_floor(epoch_floor);
+            let (sender, receiver) = crossbeam_channel::bounded(config.shard_queue_depth);
+            let fsync = config.fsync;
+            let thread = std::thread::Builder::new()
+                .name(format!("shard-{}", shard.id()))
+                .spawn(move || worker::run(shard, receiver, fsync))
+                .map_err(|e| IoError::new("starting shard thread for", &dir, e))?;
+            senders.push(sender);
+            stats.push(shard_stats);
+            reports.push(report);
+            threads.push(thread);
+        }
+        let total: u64 = reports.iter().map(|r| r.records).sum();
+        tracing::info!(
+            data_dir = %dir.display(),
+            shards = manifest.shard_count,
+            generation,
+            clean,
+            records = total,
+            "store open"
+        );
+        Ok(Store {
+            inner: Arc::new(Inner {
+                config,
+                shard_count: manifest.shard_count,
+                senders,
+                stats,
+                reports,
+                budget,
+                threads: Mutex::new(Some(threads)),
+                generation,
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// Recovers all shards, several at a time.
+    fn recover_shards(
+        config: &StoreConfig,
+        manifest: &Manifest,
+        generation: u64,
+        epoch_floor: u64,
+        clean: bool,
+        budget: &Arc<DiskBudget>,
+    ) -> Result<Vec<(Shard, RecoveryReport, Arc<ShardStats>)>, OpenError> {
+        let parallel = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let ids: Vec<u32> = (0..manifest.shard_count).collect();
+        let mut opened = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(parallel) {
+            let results: Vec<_> = std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|&id| {
+                        scope.spawn(move || {
+                            let options = ShardOptions {
+                                id,
+                                segment_bytes: config.segment_bytes,
+                                max_record_bytes: config.max_record_bytes,
+                                max_batch_bytes: config.max_batch_bytes,
+                                max_batch_records: config.max_batch_records,
+                                retention: config.retention,
+                                generation,
+                                epoch_floor,
+                                clean,
+                            };
+                            let stats = Arc::new(ShardStats::default());
+                            Shard::open(
+                                &shard_dir(&config.data_dir, id),
+                                options,
+                                budget.clone(),
+                                stats.clone(),
+                            )
+                            .map(|(shard, report)| (shard, report, stats))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("shard recovery panicked"))
+                    .collect()
+            });
+            for result in results {
+                opened.push(result?);
+            }
+        }
+        Ok(opened)
+    }
+
+    /// Number of shards (fixed when the data directory was created).
+    pub fn shard_count(&self) -> u32 {
+        self.inner.shard_count
+    }
+
+    /// Generation of this opening of the store.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.inner.config.data_dir
+    }
+
+    /// The shard that holds `topic`.
+    pub fn shard_of(&self, topic: &str) -> u32 {
+        shard_for_topic(topic, self.inner.shard_count)
+    }
+
+    /// What recovery found in each shard at open.
+    pub fn recovery_reports(&self) -> &[RecoveryReport] {
+        &self.inner.reports
+    }
+
+    /// Counters summed over the shards.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner
+            .stats
+            .iter()
+            .map(|s| s.snapshot())
+            .fold(StatsSnapshot::default(), |a, b| a + b)
+    }
+
+    /// Bytes of segment files reserved on disk.
+    pub fn disk_bytes(&self) -> u64 {
+        self.inner.budget.used()
+    }
+
+    /// Hands `records` to their shards and returns a handle to wait on.
+    ///
+    /// A batch whose records all live in one shard is written contiguously and
+    /// becomes durable as one. A batch spanning shards is checked whole first (a bad
+    /// record refuses all of it); each shard's part is then atomic, but a disk error in
+    /// one shard does not undo the others. Blocks while a shard's queue is full.
+    pub fn submit(&self, records: Vec<NewRecord>, ack: Ack) -> Result<PendingAppend, AppendError> {
+        let config = &self.inner.config;
+        check_batch(
+            &records,
+            config.max_record_bytes,
+            config.max_batch_bytes,
+            config.max_batch_records,
+        )?;
+        let count = records.len();
+        let first_shard = self.shard_of(&records[0].topic);
+        let mut parts: Vec<(u32, Vec<usize>, Vec<NewRecord>)> = Vec::new();
+        if records
+            .iter()
+            .all(|r| self.shard_of(&r.topic) == first_shard)
+        {
+            parts.push((first_shard, (0..count).collect(), records));
+        } else {
+            let mut by_shard: Vec<Option<(Vec<usize>, Vec<NewRecord>)>> =
+                vec![None; self.inner.shard_count as usize];
+            for (index, record) in records.into_iter().enumerate() {
+                let shard = self.shard_of(&record.topic) as usize;
+                let (indexes, part) = by_shard[shard].get_or_insert_with(Default::default);
+                indexes.push(index);
+                part.push(record);
+            }
+            for (shard, part) in by_shard.into_iter().enumerate() {
+                if let Some((indexes, records)) = part {
+                    parts.push((shard as u32, indexes, records));
+                }
+            }
+        }
+        let mut waits = Vec::with_capacity(parts.len());
+        for (shard, indexes, records) in parts {
+            let (reply, receiver) = oneshot::channel();
+            self.inner.senders[shard as usize]
+                .send(Command::Append {
+                    records,
+                    ack,
+                    reply,
+                })
+                .map_err(|_| AppendError::Closed)?;
+            waits.push((indexes, receiver));
+        }
+        Ok(PendingAppend { count, waits })
+    }
+
+    /// Appends `records` and waits for the acknowledgement `ack` asks for. Returns each
+    /// record's offset and epoch, in the order given. See [`Store::submit`].
+    pub fn append(&self, records: Vec<NewRecord>, ack: Ack) -> Result<Vec<Appended>, AppendError> {
+        self.submit(records, ack)?.wait()
+    }
+
+    /// Runs `operation` on the thread of the shard holding `topic` and waits for it.
+    fn call<T: Send + 'static>(
+        &self,
+        topic: &str,
+        operation: impl FnOnce(&mut Shard) -> T + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let (reply, receiver) = oneshot::channel();
+        let shard = self.shard_of(topic) as usize;
+        self.inner.senders[shard]
+            .send(Command::Run(Box::new(move |shard: &mut Shard| {
+                let _ = reply.send(operation(shard));
+            })))
+            .map_err(|_| ReadError::Closed)?;
+        receiver.blocking_recv().map_err(|_| ReadError::Closed)
+    }
+
+    /// Reads `topic` forward from offset `from`.
+    pub fn read(&self, topic: &str, from: u64, limits: ReadLimits) -> Result<ReadBatch, ReadError> {
+        let name = topic.to_owned();
+        self.call(topic, move |shard| shard.read(&name, from, limits))?
+    }
+
+    /// The newest `count` retained records of `topic`.
+    pub fn read_latest(
+        &self,
+        topic: &str,
+        count: usize,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, ReadError> {
+        let name = topic.to_owned();
+        self.call(topic, move |shard| {
+            shard.read_latest(&name, count, max_bytes)
+        })?
+    }
+
+    /// Offsets, epoch and retained range of `topic`; `None` when it holds nothing.
+    pub fn topic_info(&self, topic: &str) -> Result<Option<TopicInfo>, ReadError> {
+        let name = topic.to_owned();
+        self.call(topic, move |shard| shard.topic_info(&name))?
+    }
+
+    /// Checks that a reader can resume `topic` exactly at `offset`, where `epoch` is
+    /// the epoch of the last record it saw (`offset - 1`). Fails with
+    /// [`ReadError::HistoryLost`] when that record is gone or was replaced.
+    pub fn validate_position(&self, topic: &str, offset: u64, epoch: u64) -> Result<(), ReadError> {
+        let name = topic.to_owned();
+        self.call(topic, move |shard| {
+            shard.validate_position(&name, offset, epoch)
+        })?
+    }
+
+    /// Runs `operation` on every shard's thread, in shard order.
+    pub fn for_each_shard<T: Send + 'static>(
+        &self,
+        operation: impl Fn(&mut Shard) -> T + Send + Sync + 'static,
+    ) -> Result<Vec<T>, ReadError> {
+        let operation = Arc::new(operation);
+        let mut receivers = Vec::new();
+        for sender in &self.inner.senders {
+            let (reply, receiver) = oneshot::channel();
+            let operation = operation.clone();
+            sender
+                .send(Command::Run(Box::new(move |shard: &mut Shard| {
+                    let _ = reply.send(operation(shard));
+                })))
+                .map_err(|_| ReadError::Closed)?;
+            receivers.push(receiver);
+        }
+        receivers
+            .into_iter()
+            .map(|r| r.blocking_recv().map_err(|_| ReadError::Closed))
+            .collect()
+    }
+
+    /// Topics held, over all shards.
+    pub fn topic_count(&self) -> Result<u64, ReadError> {
+        Ok(self
+            .for_each_shard(|s| s.topic_count() as u64)?
+            .into_iter()
+            .sum())
+    }
+
+    /// Heap bytes of the topic registries, over all shards.
+    pub fn registry_memory_bytes(&self) -> Result<u64, ReadError> {
+        Ok(self
+            .for_each_shard(|s| s.registry_memory_bytes() as u64)?
+            .into_iter()
+            .sum())
+    }
+
+    /// Applies retention now in every shard (it also runs every second); returns the
+    /// number of segments dropped.
+    pub fn enforce_retention(&self) -> Result<usize, ReadError> {
+        let now = now_ms();
+        Ok(self
+            .for_each_shard(move |s| match s.enforce_retention(now) {
+                Ok(dropped) => dropped,
+                Err(error) => {
+                    tracing::error!(shard = s.id(), %error, "retention failed");
+                    0
+                }
+            })?
+            .into_iter()
+            .sum())
+    }
+
+    /// Syncs every shard, stops their threads and marks the directory as cleanly
+    /// closed. Later calls on any clone fail with `Closed`. Idempotent. Dropping the
+    /// last clone closes the store too.
+    pub fn close(&self) -> Result<(), IoError> {
+        self.inner.shutdown()
+    }
+}
+
+impl Inner {
+    fn shutdown(&self) -> Result<(), IoError> {
+        let Some(threads) = self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        let mut receivers = Vec::new();
+        for sender in &self.senders {
+            let (reply, receiver) = oneshot::channel();
+            if sender.send(Command::Stop { reply }).is_ok() {
+                receivers.push(receiver);
+            }
+        }
+        let mut result = Ok(());
+        for receiver in receivers {
+            if let Ok(Err(error)) = receiver.blocking_recv()
+                && result.is_ok()
+            {
+                result = Err(error);
+            }
+        }
+        for thread in threads {
+            let _ = thread.join();
+        }
+        // Only a store whose every shard synced is marked clean.
+        result?;
+        let dir = &self.config.data_dir;
+        write_atomic(dir, CLEAN_FILE, &self.generation.to_le_bytes())?;
+        tracing::info!(data_dir = %dir.display(), "store closed cleanly");
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(error) = self.shutdown() {
+            tracing::error!(%error, "closing the store on drop failed");
+        }
+    }
+}
+
+/// An append handed to the shards; wait for its acknowledgement.
+#[derive(Debug)]
+pub struct PendingAppend {
+    count: usize,
+    waits: Vec<(
+        Vec<usize>,
+        oneshot::Receiver<Result<Vec<Appended>, AppendError>>,
+    )>,
+}
+
+impl PendingAppend {
+    fn assemble(count: usize, parts: Vec<(Vec<usize>, Vec<Appended>)>) -> Vec<Appended> {
+        if parts.len() == 1 {
+            return parts.into_iter().next().expect("one part").1;
+        }
+        let mut out = vec![
+            Appended {
+                offset: 0,
+                epoch: 0
+            };
+            count
+        ];
+        for (indexes, appended) in parts {
+            for (index, appended) in indexes.into_iter().zip(appended) {
+                out[index] = appended;
+            }
+        }
+        out
+    }
+
+    /// Blocks until every shard has acknowledged. Not for async contexts: use
+    /// [`PendingAppend::wait_async`] there.
+    pub fn wait(self) -> Result<Vec<Appended>, AppendError> {
+        let mut parts = Vec::with_capacity(self.waits.len());
+        for (indexes, receiver) in self.waits {
+            parts.push((
+                indexes,
+                receiver
+                    .blocking_recv()
+                    .map_err(|_| AppendError::Closed)??,
+            ));
+        }
+        Ok(Self::assemble(self.count, parts))
+    }
+
+    /// Waits asynchronously until every shard has acknowledged.
+    pub async fn wait_async(self) -> Result<Vec<Appended>, AppendError> {
+        let mut parts = Vec::with_capacity(self.waits.len());
+        for (indexes, receiver) in self.waits {
+            parts.push((indexes, receiver.await.map_err(|_| AppendError::Closed)??));
+        }
+        Ok(Self::assemble(self.count, parts))
+    }
+}
