@@ -164,6 +164,16 @@ pub fn recover_shard(
     let count = files.len();
     for (i, (base, path)) in files.into_iter().enumerate() {
         let newest = i + 1 == count;
+        let file_len = std::fs::metadata(&path)
+            .map_err(|e| IoError::new("reading metadata of", &path, e))?
+            .len();
+        if file_len < SEGMENT_HEADER_LEN as u64 {
+            // A crash while the file was being created: it cannot hold a record.
+            tracing::warn!(file = %path.display(), file_len, "removing a segment file too short to hold a header");
+            std::fs::remove_file(&path).map_err(|e| IoError::new("removing", &path, e))?;
+            report.bad_headers += 1;
+            continue;
+        }
         let (segment, header) = Segment::open(&path, base)?;
         match header {
             Ok(header) if header.base == base && header.shard == shard => {}

@@ -203,8 +203,8 @@ impl Segment {
     }
 
     /// Opens an existing segment for recovery. Its data length is unknown until the
-    /// caller has scanned it: it starts as the header length and is set by
-    /// [`Segment::set_recovered_len`]. Returns the header, or why it is unusable
+    /// caller has scanned it: until [`Segment::set_recovered_len`] the whole file
+    /// counts as data, so the scan can look up frames it has already passed. Returns the header, or why it is unusable
     /// (the frames may still be readable: the caller decides).
     pub fn open(
         path: &Path,
@@ -219,16 +219,25 @@ impl Segment {
             .metadata()
             .map_err(|e| IoError::new("reading metadata of", path, e))?
             .len() as usize;
-        // A zero-length mapping is not allowed; such a file has no frames either.
-        let map = map_file(&file, path, file_len.max(SEGMENT_HEADER_LEN))?;
-        let header = SegmentHeader::decode(&map[..file_len.min(map.len())]);
+        if file_len < SEGMENT_HEADER_LEN {
+            return Err(IoError::new(
+                "opening segment",
+                path,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "shorter than a segment header",
+                ),
+            ));
+        }
+        let map = map_file(&file, path, file_len)?;
+        let header = SegmentHeader::decode(&map);
         let segment = Segment {
             path: path.to_owned(),
             base,
             file,
             map,
-            len: SEGMENT_HEADER_LEN.min(file_len),
-            synced_len: SEGMENT_HEADER_LEN.min(file_len),
+            len: file_len,
+            synced_len: file_len,
             last_timestamp_ms: 0,
         };
         Ok((segment, header))

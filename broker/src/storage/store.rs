@@ -62,8 +62,9 @@ struct Inner {
     /// Worker threads; taken by the first close.
     threads: Mutex<Option<Vec<JoinHandle<()>>>>,
     generation: u64,
-    /// Held while open: a second process must not write the same files.
-    _lock: DirLock,
+    /// Held while open: a second process must not write the same files. Released by
+    /// close.
+    lock: Mutex<Option<DirLock>>,
 }
 
 /// An open data directory. Cheap to clone; every clone talks to the same shards.
@@ -184,7 +185,7 @@ impl Store {
                 budget,
                 threads: Mutex::new(Some(threads)),
                 generation,
-                _lock: lock,
+                lock: Mutex::new(Some(lock)),
             }),
         })
     }
@@ -480,11 +481,14 @@ impl Inner {
             let _ = thread.join();
         }
         // Only a store whose every shard synced is marked clean.
-        result?;
         let dir = &self.config.data_dir;
-        write_atomic(dir, CLEAN_FILE, &self.generation.to_le_bytes())?;
-        tracing::info!(data_dir = %dir.display(), "store closed cleanly");
-        Ok(())
+        let result =
+            result.and_then(|()| write_atomic(dir, CLEAN_FILE, &self.generation.to_le_bytes()));
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if result.is_ok() {
+            tracing::info!(data_dir = %dir.display(), "store closed cleanly");
+        }
+        result
     }
 }
 
