@@ -166,9 +166,9 @@ mod tests {
     use std::collections::HashMap;
 
     /// A stand-in for the log: position → name.
-    fn lookup<'a>(
+    fn lookup(
         table: &TopicTable,
-        names: &'a HashMap<u64, String>,
+        names: &HashMap<u64, String>,
         name: &str,
         hash: u64,
     ) -> Option<u64> {

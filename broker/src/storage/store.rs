@@ -500,14 +500,14 @@ impl Drop for Inner {
     }
 }
 
+type AppendReceiver = oneshot::Receiver<Result<Vec<Appended>, AppendError>>;
+
 /// An append handed to the shards; wait for its acknowledgement.
 #[derive(Debug)]
 pub struct PendingAppend {
     count: usize,
-    waits: Vec<(
-        Vec<usize>,
-        oneshot::Receiver<Result<Vec<Appended>, AppendError>>,
-    )>,
+    /// Per shard: the indexes of its records in the batch, and its reply.
+    waits: Vec<(Vec<usize>, AppendReceiver)>,
 }
 
 impl PendingAppend {

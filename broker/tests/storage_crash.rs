@@ -1,0 +1,373 @@
+//! Crashes, torn writes, corruption and full disks: what survives, and what readers
+//! are told.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{flip_byte, forget_clean_close, locate, record, small_config, zero_range};
+use switchyard_broker::storage::{Ack, AppendError, FsyncPolicy, ReadError, ReadLimits, Store};
+
+/// Every record of every shard: (shard, position, topic, offset).
+fn positions(store: &Store) -> Vec<(u32, u64, String, u64)> {
+    store
+        .for_each_shard(|shard| {
+            let mut found = Vec::new();
+            let id = shard.id();
+            shard.for_each_record(|pos, r| found.push((id, pos, r.topic, r.offset)));
+            found
+        })
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+const ALL: ReadLimits = ReadLimits {
+    max_records: usize::MAX,
+    max_bytes: usize::MAX,
+};
+
+#[test]
+fn torn_tail_cuts_the_unfinished_batch_and_readers_past_it_are_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config.clone()).unwrap();
+    let kept = store
+        .append(
+            vec![record("guild.1", "a"), record("guild.1", "b")],
+            Ack::Durable,
+        )
+        .unwrap();
+    store
+        .append(
+            vec![
+                record("guild.1", "c"),
+                record("guild.1", "d"),
+                record("user.5", "e"),
+            ],
+            Ack::Written,
+        )
+        .unwrap();
+    let all = positions(&store);
+    store.close().unwrap();
+    drop(store);
+
+    // The batch's last frame never reached the disk: its first two frames did.
+    let (_, last_pos, _, _) = all.iter().find(|p| p.2 == "user.5").unwrap();
+    let (file, at) = locate(dir.path(), 0, *last_pos);
+    zero_range(&file, at, 8);
+    forget_clean_close(dir.path());
+
+    let store = Store::open(config).unwrap();
+    let report = &store.recovery_reports()[0];
+    assert_eq!(report.records, 2);
+    assert!(report.truncated_bytes > 0, "{report:?}");
+    assert_eq!(store.stats().truncated_bytes, report.truncated_bytes);
+    assert_eq!(store.topic_info("user.5").unwrap(), None);
+    let info = store.topic_info("guild.1").unwrap().unwrap();
+    assert_eq!(info.next_offset, 2);
+
+    // Offsets go on without a gap, under a new epoch.
+    let next = store
+        .append(vec![record("guild.1", "c2")], Ack::Durable)
+        .unwrap();
+    assert_eq!(next[0].offset, 2);
+    assert_ne!(next[0].epoch, kept[1].epoch);
+    // A reader that saw up to "b" resumes exactly ...
+    store
+        .validate_position("guild.1", 2, kept[1].epoch)
+        .unwrap();
+    let batch = store.read("guild.1", 2, ALL).unwrap();
+    assert_eq!(&batch.records[0].payload[..], b"c2");
+    // ... one that saw the lost "c" or "d" is told that history was lost.
+    for offset in [3, 4] {
+        let err = store
+            .validate_position("guild.1", offset, kept[1].epoch)
+            .unwrap_err();
+        assert!(
+            matches!(err, ReadError::HistoryLost { current_epoch, .. } if current_epoch == next[0].epoch),
+            "{err}"
+        );
+    }
+    // The cut bytes are zeroed: a further restart sees the same log.
+    store.close().unwrap();
+    drop(store);
+    forget_clean_close(dir.path());
+    let store = Store::open(small_config(dir.path())).unwrap();
+    assert_eq!(store.read("guild.1", 0, ALL).unwrap().records.len(), 3);
+}
+
+#[test]
+fn flipped_byte_in_a_sealed_segment_keeps_every_valid_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config.clone()).unwrap();
+    for i in 0..300u32 {
+        store
+            .append(
+                vec![
+                    record("guild.1", format!("g-{i}-{}", "x".repeat(900))),
+                    record("user.9", format!("u-{i}")),
+                ],
+                Ack::Written,
+            )
+            .unwrap();
+    }
+    let all = positions(&store);
+    store.close().unwrap();
+    drop(store);
+    assert!(common::segment_files(dir.path(), 0).len() > 3);
+
+    // Damage the payload of guild.1's record 5, in the first (sealed) segment.
+    let (_, pos, _, _) = all.iter().find(|p| p.2 == "guild.1" && p.3 == 5).unwrap();
+    let (file, at) = locate(dir.path(), 0, *pos);
+    assert_eq!(file, common::segment_files(dir.path(), 0)[0]);
+    flip_byte(&file, at + 100);
+
+    let store = Store::open(config).unwrap();
+    let report = &store.recovery_reports()[0];
+    assert_eq!(report.corrupt_frames, 1, "{report:?}");
+    assert_eq!(report.records, 599);
+    assert!(store.stats().crc_errors >= 1);
+
+    // Reading across the damage stops before it, names it, and goes on after it.
+    let before = store.read("guild.1", 0, ALL).unwrap();
+    assert_eq!(
+        before.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4]
+    );
+    match store.read("guild.1", 5, ALL) {
+        Err(ReadError::CorruptRecord {
+            offset: 5, next: 6, ..
+        }) => {}
+        other => panic!("expected CorruptRecord at 5, got {other:?}"),
+    }
+    let after = store.read("guild.1", 6, ALL).unwrap();
+    assert_eq!(after.records.len(), 294);
+    assert!(
+        after
+            .records
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.offset == 6 + i as u64)
+    );
+    // The other topic lost nothing.
+    assert_eq!(store.read("user.9", 0, ALL).unwrap().records.len(), 300);
+}
+
+#[test]
+fn damaged_segment_header_is_reported_and_its_records_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config.clone()).unwrap();
+    for i in 0..10 {
+        store
+            .append(vec![record("guild.1", format!("{i}"))], Ack::Written)
+            .unwrap();
+    }
+    store.close().unwrap();
+    drop(store);
+    flip_byte(&common::segment_files(dir.path(), 0)[0], 20);
+    let store = Store::open(config).unwrap();
+    assert_eq!(store.recovery_reports()[0].bad_headers, 1);
+    assert_eq!(store.read("guild.1", 0, ALL).unwrap().records.len(), 10);
+}
+
+const CHILD_DIR_VAR: &str = "SWITCHYARD_TEST_CHILD_DATA_DIR";
+
+/// The writer that `sigkill_while_appending_loses_no_acknowledged_record` kills.
+/// Appends with durable acks from four threads and prints every acknowledged record.
+#[test]
+#[ignore = "run as a child process by sigkill_while_appending_loses_no_acknowledged_record"]
+fn child_writer_for_sigkill() {
+    let Ok(dir) = std::env::var(CHILD_DIR_VAR) else {
+        return;
+    };
+    let mut config = small_config(Path::new(&dir));
+    config.fsync = FsyncPolicy::Always;
+    let store = Store::open(config).unwrap();
+    let threads: Vec<_> = (0..4u32)
+        .map(|writer| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                // Bounded: the parent kills us long before either limit.
+                for seq in 0..200_000u32 {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        break;
+                    }
+                    let topics: Vec<String> = (0..(seq % 3 + 1))
+                        .map(|k| format!("guild.{}", (seq + k + writer) % 20))
+                        .collect();
+                    let batch = topics
+                        .iter()
+                        .map(|t| record(t, format!("{writer}-{seq}-{t}")))
+                        .collect();
+                    let acked = store.append(batch, Ack::Durable).unwrap();
+                    for (topic, a) in topics.iter().zip(acked) {
+                        println!(
+                            "ACK {topic} {} {} {writer}-{seq}-{topic}",
+                            a.offset, a.epoch
+                        );
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+}
+
+#[test]
+fn sigkill_while_appending_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_writer_for_sigkill",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR_VAR, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut acked = Vec::new();
+    let started = Instant::now();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while acked.len() < 3000 && started.elapsed() < Duration::from_secs(30) {
+        let Some(Ok(line)) = lines.next() else { break };
+        if let Some(rest) = line.strip_prefix("ACK ") {
+            let parts: Vec<&str> = rest.split(' ').collect();
+            acked.push((
+                parts[0].to_owned(),
+                parts[1].parse::<u64>().unwrap(),
+                parts[2].parse::<u64>().unwrap(),
+                parts[3].to_owned(),
+            ));
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        acked.len() > 100,
+        "the child acknowledged only {} records",
+        acked.len()
+    );
+
+    let store = Store::open(small_config(dir.path())).unwrap();
+    eprintln!(
+        "acknowledged before SIGKILL: {}; recovered: {:?}",
+        acked.len(),
+        store.recovery_reports()
+    );
+    for (topic, offset, epoch, payload) in &acked {
+        let batch = store
+            .read(
+                topic,
+                *offset,
+                ReadLimits {
+                    max_records: 1,
+                    max_bytes: 0,
+                },
+            )
+            .unwrap();
+        let r = &batch.records[0];
+        assert_eq!(
+            (r.offset, r.epoch, &r.payload[..]),
+            (*offset, *epoch, payload.as_bytes()),
+            "{topic}"
+        );
+    }
+    // Every topic is gap-free from 0, and writing goes on after the crash.
+    for topic in 0..20 {
+        let name = format!("guild.{topic}");
+        let records = store.read(&name, 0, ALL).unwrap().records;
+        assert!(
+            records
+                .iter()
+                .enumerate()
+                .all(|(i, r)| r.offset == i as u64),
+            "{name}"
+        );
+        if let Some(last) = records.last() {
+            store
+                .validate_position(&name, last.offset + 1, last.epoch)
+                .unwrap();
+            let next = store
+                .append(vec![record(&name, "after")], Ack::Durable)
+                .unwrap();
+            assert_eq!(next[0].offset, last.offset + 1);
+            assert_ne!(
+                next[0].epoch, last.epoch,
+                "an unclean stop starts a new epoch"
+            );
+        }
+    }
+}
+
+/// Unmounts on drop.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_disk_is_a_typed_error_and_acknowledged_records_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount_point = dir.path().join("small-disk");
+    std::fs::create_dir(&mount_point).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mount_point)
+        .stderr(Stdio::null())
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: mounting a 1 MiB tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let _mount = Mount(mount_point.clone());
+    let mut config = small_config(&mount_point.join("data"));
+    config.shard_count = 1;
+    let store = Store::open(config.clone()).unwrap();
+    let mut acked = 0u64;
+    let err = loop {
+        match store.append(vec![record("guild.1", vec![3u8; 4000])], Ack::Durable) {
+            Ok(a) => {
+                assert_eq!(a[0].offset, acked);
+                acked += 1;
+            }
+            Err(err) => break err,
+        }
+        assert!(acked < 1000, "a 1 MiB disk never filled up");
+    };
+    assert!(matches!(err, AppendError::DiskFull(_)), "{err}");
+    assert!(err.to_string().contains("disk full"), "{err}");
+    assert!(acked >= 100, "{acked}");
+    eprintln!("disk full after {acked} acknowledged records: {err}");
+    // Nothing acknowledged is lost, now or after a restart.
+    assert_eq!(
+        store.read("guild.1", 0, ALL).unwrap().records.len() as u64,
+        acked
+    );
+    store.close().unwrap();
+    drop(store);
+    let store = Store::open(config).unwrap();
+    assert_eq!(
+        store.topic_info("guild.1").unwrap().unwrap().next_offset,
+        acked
+    );
+}
