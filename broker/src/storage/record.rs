@@ -326,6 +326,11 @@ pub fn decode_frame_unchecked(buf: &[u8]) -> Result<FrameView<'_>, DecodeError> 
     if buf[8] != RECORD_MAGIC {
         return Err(DecodeError::BadMagic { found: buf[8] });
     }
+    if read_u16(buf, 14) != 0 {
+        return Err(DecodeError::BadLayout {
+            what: "reserved bytes are not zero",
+        });
+    }
     let topic_len = usize::from(read_u16(buf, 10));
     let headers_len = usize::from(read_u16(buf, 12));
     let content = FRAME_HEADER_LEN + topic_len + headers_len;

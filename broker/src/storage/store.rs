@@ -464,14 +464,14 @@ impl Inner {
         };
         let mut receivers = Vec::new();
         for sender in &self.senders {
-            let (reply, receiver) = oneshot::channel();
+            let (reply, receiver) = crossbeam_channel::bounded(1);
             if sender.send(Command::Stop { reply }).is_ok() {
                 receivers.push(receiver);
             }
         }
         let mut result = Ok(());
         for receiver in receivers {
-            if let Ok(Err(error)) = receiver.blocking_recv()
+            if let Ok(Err(error)) = receiver.recv()
                 && result.is_ok()
             {
                 result = Err(error);

@@ -28,9 +28,10 @@ pub(crate) enum Command {
     },
     /// Any other operation, run on the shard's thread with exclusive access.
     Run(Box<dyn FnOnce(&mut Shard) + Send>),
-    /// Sync and stop.
+    /// Sync and stop. (A plain channel: closing must work from any thread, async
+    /// runtimes included.)
     Stop {
-        reply: oneshot::Sender<Result<(), IoError>>,
+        reply: crossbeam_channel::Sender<Result<(), IoError>>,
     },
 }
 
