@@ -41,6 +41,11 @@ fn append_then_read_returns_every_field() {
     assert_eq!(first.epoch, appended[0].epoch);
     assert_eq!(&first.payload[..], b"{\"content\":\"hi\"}");
     assert_eq!(first.headers[0].key, "type");
+    assert_eq!(
+        store.stats().segment_bytes,
+        4 * (64 << 10),
+        "one segment per shard written to"
+    );
     assert_eq!(first.headers[1].value, "42");
     assert!(first.timestamp_ms > 1_600_000_000_000);
     assert_eq!(&batch.records[1].payload[..], b"second");
@@ -425,6 +430,7 @@ fn retention_by_size_drops_old_segments_and_expires_topics() {
     }
     assert!(store.enforce_retention().unwrap() > 0);
     assert!(store.disk_bytes() <= 4 * (64 << 10));
+    assert_eq!(store.stats().segment_bytes, store.disk_bytes());
     let stats = store.stats();
     assert!(stats.segments_dropped > 0);
     assert_eq!(stats.topics_expired, 1);

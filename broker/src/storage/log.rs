@@ -72,6 +72,8 @@ pub struct SegmentLog {
     budget: Arc<DiskBudget>,
     /// Ordered by base; the last one is written to (if it has room).
     segments: Vec<Segment>,
+    /// Bytes the segment files take on disk, kept up to date as they come and go.
+    disk_bytes: u64,
 }
 
 impl SegmentLog {
@@ -90,6 +92,7 @@ impl SegmentLog {
             generation,
             segment_bytes,
             budget,
+            disk_bytes: segments.iter().map(|s| s.capacity() as u64).sum(),
             segments,
         }
     }
@@ -117,7 +120,7 @@ impl SegmentLog {
 
     /// Bytes the segment files take on disk.
     pub fn disk_bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.capacity() as u64).sum()
+        self.disk_bytes
     }
 
     /// The segment holding data at `pos` and the offset in its file.
@@ -176,7 +179,10 @@ impl SegmentLog {
         // is what recovery assumes of sealed segments.
         if let Some(last) = self.segments.last_mut() {
             match last.seal() {
-                Ok(freed) => self.budget.release(freed),
+                Ok(freed) => {
+                    self.budget.release(freed);
+                    self.disk_bytes -= freed;
+                }
                 Err(error) => {
                     self.budget.release(self.segment_bytes);
                     return Err(error.into());
@@ -199,12 +205,14 @@ impl SegmentLog {
             }
         };
         tracing::debug!(shard = self.shard, base, "started segment");
+        self.disk_bytes += segment.capacity() as u64;
         self.segments.push(segment);
         Ok(())
     }
 
     /// Adds a segment found by recovery after the ones already here.
     pub fn push_recovered(&mut self, segment: Segment) {
+        self.disk_bytes += segment.capacity() as u64;
         self.segments.push(segment);
     }
 
@@ -240,9 +248,10 @@ impl SegmentLog {
         let oldest = self.segments.remove(0);
         let bytes = oldest.capacity() as u64;
         let path = oldest.path().to_owned();
+        self.disk_bytes -= bytes;
+        self.budget.release(bytes);
         oldest.delete()?;
         sync_dir(&self.dir)?;
-        self.budget.release(bytes);
         tracing::info!(shard = self.shard, path = %path.display(), "retention dropped segment");
         Ok(Some(self.start()))
     }

@@ -247,6 +247,9 @@ impl Shard {
             }
             self.log.ensure_room(total as usize)?;
         }
+        self.stats
+            .segment_bytes
+            .store(self.log.disk_bytes(), std::sync::atomic::Ordering::Relaxed);
         let mut appended = Vec::with_capacity(records.len());
         let last = records.len() - 1;
         for (i, record) in records.iter().enumerate() {
