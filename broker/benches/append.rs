@@ -5,29 +5,21 @@
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use switchyard_broker::storage::NewRecord;
 use switchyard_broker::storage::config::Retention;
 use switchyard_broker::storage::log::DiskBudget;
 use switchyard_broker::storage::shard::{Shard, ShardOptions};
 use switchyard_broker::storage::stats::ShardStats;
+use switchyard_broker::storage::{NewRecord, StoreConfig};
 
 const BATCH: usize = 1000;
 
 fn options() -> ShardOptions {
-    ShardOptions {
-        id: 0,
-        segment_bytes: 64 << 20,
-        max_record_bytes: 1 << 20,
-        max_batch_bytes: 16 << 20,
-        max_batch_records: 10_000,
-        retention: Retention {
-            max_bytes: Some(256 << 20),
-            max_age: None,
-        },
-        generation: 1,
-        epoch_floor: 0,
-        clean: true,
-    }
+    let mut config = StoreConfig::new("unused");
+    config.retention = Retention {
+        max_bytes: Some(256 << 20),
+        max_age: None,
+    };
+    ShardOptions::from_config(&config, 0)
 }
 
 fn append(c: &mut Criterion) {

@@ -7,29 +7,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use switchyard_broker::storage::NewRecord;
 use switchyard_broker::storage::config::Retention;
 use switchyard_broker::storage::log::DiskBudget;
 use switchyard_broker::storage::shard::{Shard, ShardOptions};
 use switchyard_broker::storage::stats::ShardStats;
+use switchyard_broker::storage::{NewRecord, StoreConfig};
 
 const RECORDS: usize = 1_000_000;
 const TOPICS: usize = 100_000;
 
 fn options(clean: bool) -> ShardOptions {
+    let mut config = StoreConfig::new("unused");
+    config.retention = Retention {
+        max_bytes: None,
+        max_age: None,
+    };
     ShardOptions {
-        id: 0,
-        segment_bytes: 64 << 20,
-        max_record_bytes: 1 << 20,
-        max_batch_bytes: 16 << 20,
-        max_batch_records: 10_000,
-        retention: Retention {
-            max_bytes: None,
-            max_age: None,
-        },
-        generation: 1,
-        epoch_floor: 0,
         clean,
+        ..ShardOptions::from_config(&config, 0)
     }
 }
 

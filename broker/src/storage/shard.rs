@@ -93,6 +93,24 @@ pub struct ShardOptions {
     pub clean: bool,
 }
 
+impl ShardOptions {
+    /// The options of shard `id` under `config`, for a first open (generation 1, no
+    /// epoch floor, clean); the store sets those three from its state files.
+    pub fn from_config(config: &crate::storage::config::StoreConfig, id: u32) -> Self {
+        ShardOptions {
+            id,
+            segment_bytes: config.segment_bytes,
+            max_record_bytes: config.max_record_bytes,
+            max_batch_bytes: config.max_batch_bytes,
+            max_batch_records: config.max_batch_records,
+            retention: config.retention,
+            generation: 1,
+            epoch_floor: 0,
+            clean: true,
+        }
+    }
+}
+
 /// Hands out epochs: `generation << 32 | counter`.
 #[derive(Debug)]
 struct EpochSource {

@@ -209,15 +209,10 @@ impl Store {
                     .map(|&id| {
                         scope.spawn(move || {
                             let options = ShardOptions {
-                                id,
-                                segment_bytes: config.segment_bytes,
-                                max_record_bytes: config.max_record_bytes,
-                                max_batch_bytes: config.max_batch_bytes,
-                                max_batch_records: config.max_batch_records,
-                                retention: config.retention,
                                 generation,
                                 epoch_floor,
                                 clean,
+                                ..ShardOptions::from_config(config, id)
                             };
                             let stats = Arc::new(ShardStats::default());
                             Shard::open(
