@@ -72,6 +72,13 @@ fn torn_tail_cuts_the_unfinished_batch_and_readers_past_it_are_told() {
     let info = store.topic_info("guild.1").unwrap().unwrap();
     assert_eq!(info.next_offset, 2);
 
+    // Before anything new is written, a reader that saw the lost "c" and "d" is told
+    // so: the topic is still at the old epoch, but its position is past the end.
+    let err = store
+        .validate_position("guild.1", 4, kept[1].epoch)
+        .unwrap_err();
+    assert!(matches!(err, ReadError::HistoryLost { .. }), "{err}");
+
     // Offsets go on without a gap, under a new epoch.
     let next = store
         .append(vec![record("guild.1", "c2")], Ack::Durable)
@@ -370,4 +377,90 @@ fn full_disk_is_a_typed_error_and_acknowledged_records_survive() {
         store.topic_info("guild.1").unwrap().unwrap().next_offset,
         acked
     );
+}
+
+#[test]
+fn resync_after_damage_does_not_pick_up_a_frame_hidden_in_a_payload() {
+    use switchyard_broker::storage::record::{
+        FLAG_BATCH_END, FrameMeta, encode_frame, frame_len, padded_len,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config.clone()).unwrap();
+    // A producer's payload that is itself a valid frame of guild.1 at offset 1000.
+    let forged_len = padded_len(frame_len("guild.1".len(), 0, 5));
+    let mut forged = vec![0u8; forged_len];
+    let meta = FrameMeta {
+        flags: FLAG_BATCH_END,
+        offset: 1000,
+        epoch: 1,
+        timestamp_ms: 1,
+        prev_pos: u64::MAX,
+        skip_pos: u64::MAX,
+    };
+    encode_frame(&mut forged, &meta, b"guild.1", &[], b"forge");
+    // Pad so the embedded frame sits at an 8-byte aligned position.
+    let mut payload = vec![0u8; 8 - "guild.1".len() % 8];
+    payload.extend_from_slice(&forged);
+    for i in 0..200u32 {
+        let p = if i == 3 {
+            payload.clone()
+        } else {
+            vec![i as u8; 600]
+        };
+        store
+            .append(vec![record("guild.1", p)], Ack::Written)
+            .unwrap();
+    }
+    let all = positions(&store);
+    store.close().unwrap();
+    drop(store);
+    // Damage record 3's header (its timestamp), not its length.
+    let (_, pos, _, _) = all.iter().find(|p| p.3 == 3).unwrap();
+    let (file, at) = locate(dir.path(), 0, *pos);
+    assert_eq!(
+        file,
+        common::segment_files(dir.path(), 0)[0],
+        "record 3 is in a sealed segment"
+    );
+    flip_byte(&file, at + 33);
+
+    let store = Store::open(config).unwrap();
+    assert_eq!(store.recovery_reports()[0].corrupt_frames, 1);
+    let info = store.topic_info("guild.1").unwrap().unwrap();
+    assert_eq!(
+        info.next_offset, 200,
+        "the hidden frame must not become the latest"
+    );
+    let next = store
+        .append(vec![record("guild.1", "after")], Ack::Written)
+        .unwrap();
+    assert_eq!(next[0].offset, 200);
+}
+
+#[test]
+fn an_interrupted_segment_creation_is_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config.clone()).unwrap();
+    store
+        .append(vec![record("guild.1", "kept")], Ack::Durable)
+        .unwrap();
+    store.close().unwrap();
+    drop(store);
+    // A crash after the file was reserved but before its header was written.
+    let shard_dir = dir.path().join("shard-0000");
+    let stray = shard_dir.join(format!("{:020}.seg", 1u64 << 30));
+    std::fs::write(&stray, vec![0u8; 64 << 10]).unwrap();
+    forget_clean_close(dir.path());
+
+    let store = Store::open(config).unwrap();
+    assert!(!stray.exists());
+    assert_eq!(store.read("guild.1", 0, ALL).unwrap().records.len(), 1);
+    let next = store
+        .append(vec![record("guild.1", "more")], Ack::Durable)
+        .unwrap();
+    assert_eq!(next[0].offset, 1);
 }

@@ -184,8 +184,13 @@ impl SegmentLog {
                     self.disk_bytes -= freed;
                 }
                 Err(error) => {
+                    // The seal's sync failed: data already acknowledged as written may
+                    // not be on disk, and a retried sync could falsely succeed.
                     self.budget.release(self.segment_bytes);
-                    return Err(error.into());
+                    return Err(AppendError::ShardFailed {
+                        shard: self.shard,
+                        reason: error.to_string(),
+                    });
                 }
             }
         }
@@ -239,20 +244,42 @@ impl SegmentLog {
         }
     }
 
-    /// Deletes the oldest segment, unless it is the only one. Returns its newest
-    /// timestamp and the position where the log now starts.
-    pub fn drop_oldest(&mut self) -> Result<Option<u64>, IoError> {
+    /// Deletes the oldest segment, unless it is the only one. Returns whether one was
+    /// deleted. The file is unlinked first: if that fails the segment stays in the log
+    /// (and in the budget) and retention tries again later.
+    pub fn drop_oldest(&mut self) -> Result<bool, IoError> {
         if self.segments.len() < 2 {
-            return Ok(None);
+            return Ok(false);
         }
+        let path = self.segments[0].path().to_owned();
+        // Unlinking a mapped file is fine: the mapping stays valid until dropped.
+        std::fs::remove_file(&path).map_err(|e| IoError::new("deleting segment", &path, e))?;
         let oldest = self.segments.remove(0);
         let bytes = oldest.capacity() as u64;
-        let path = oldest.path().to_owned();
+        drop(oldest);
         self.disk_bytes -= bytes;
         self.budget.release(bytes);
-        oldest.delete()?;
-        sync_dir(&self.dir)?;
+        if let Err(error) = sync_dir(&self.dir) {
+            // The file is gone from the namespace; a crash could bring it back, which
+            // only brings back old records.
+            tracing::warn!(shard = self.shard, %error, "syncing the directory after a deletion failed");
+        }
         tracing::info!(shard = self.shard, path = %path.display(), "retention dropped segment");
-        Ok(Some(self.start()))
+        Ok(true)
+    }
+
+    /// Forgets and deletes the newest segment (recovery: a file whose creation a crash
+    /// interrupted, holding no record).
+    pub fn discard_newest(&mut self) -> Result<(), IoError> {
+        if let Some(segment) = self.segments.pop() {
+            let bytes = segment.capacity() as u64;
+            let path = segment.path().to_owned();
+            drop(segment);
+            std::fs::remove_file(&path).map_err(|e| IoError::new("deleting segment", &path, e))?;
+            self.disk_bytes -= bytes;
+            self.budget.release(bytes);
+            sync_dir(&self.dir)?;
+        }
+        Ok(())
     }
 }

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use crate::storage::error::{IoError, OpenError};
 use crate::storage::log::{DiskBudget, SegmentLog};
-use crate::storage::record::{DecodeError, FRAME_ALIGN, FrameView, decode_frame};
+use crate::storage::record::{
+    DecodeError, FRAME_ALIGN, FRAME_HEADER_LEN, FrameView, decode_frame, padded_len,
+};
 use crate::storage::registry::TopicTable;
 use crate::storage::segment::{SEGMENT_HEADER_LEN, Segment, parse_segment_file_name};
 use crate::storage::stats::ShardStats;
@@ -92,9 +94,22 @@ pub fn scan_segment<'a>(
                     break;
                 }
                 let start = at;
-                at += FRAME_ALIGN;
-                while at < data.len() && decode_frame(&data[at..]).is_err() {
+                // Most damage is a flipped bit in a frame whose length is intact: try
+                // the frame's own end first, so the scan does not look for frames
+                // inside its payload (which a producer controls).
+                let claimed = padded_len(u32::from_le_bytes(
+                    data[at + 4..at + 8].try_into().expect("4 bytes"),
+                ) as usize);
+                if claimed >= FRAME_HEADER_LEN
+                    && at + claimed < data.len()
+                    && decode_frame(&data[at + claimed..]).is_ok()
+                {
+                    at += claimed;
+                } else {
                     at += FRAME_ALIGN;
+                    while at < data.len() && decode_frame(&data[at..]).is_err() {
+                        at += FRAME_ALIGN;
+                    }
                 }
                 on_event(ScanEvent::Corrupt {
                     pos: segment.base() + start as u64,
@@ -107,11 +122,22 @@ pub fn scan_segment<'a>(
     at.min(data.len())
 }
 
-/// Records the frame at `pos` as its topic's latest.
-fn index_frame(topics: &mut TopicTable, log: &SegmentLog, pos: u64, topic: &[u8]) {
+/// Records the frame at `pos` as its topic's latest. A topic's offsets only grow
+/// along the log, so a frame that would move them backwards is not what it seems (a
+/// frame found by resync inside damaged data): it is logged and left out.
+fn index_frame(topics: &mut TopicTable, log: &SegmentLog, pos: u64, topic: &[u8], offset: u64) {
     let hash = topic_hash(topic);
     match topics.find(hash, |p| log.topic_at(p) == Some(topic)) {
-        Some(index) => topics.set_pos(index, pos),
+        Some(index) => {
+            let latest = log
+                .meta_at(topics.pos(index))
+                .map_or(0, |(meta, _)| meta.offset);
+            if offset > latest {
+                topics.set_pos(index, pos);
+            } else {
+                tracing::warn!(pos, offset, latest, topic = %String::from_utf8_lossy(topic), "ignoring a frame whose offset does not follow its topic's");
+            }
+        }
         None => topics.insert(hash, pos),
     }
 }
@@ -175,6 +201,7 @@ pub fn recover_shard(
             continue;
         }
         let (segment, header) = Segment::open(&path, base)?;
+        let header_ok = header.is_ok();
         match header {
             Ok(header) if header.base == base && header.shard == shard => {}
             Ok(header) => {
@@ -191,20 +218,20 @@ pub fn recover_shard(
         let segment = log.segments().last().expect("just pushed");
         // In the newest segment only whole batches count: a batch is indexed when its
         // last frame is seen.
-        let mut pending: Vec<(u64, &[u8], u64)> = Vec::new();
+        let mut pending: Vec<(u64, &[u8], u64, u64)> = Vec::new();
         let mut kept_end = SEGMENT_HEADER_LEN;
         let mut last_timestamp = 0;
         let mut records = 0;
         let mut corrupt = (0, 0);
         let stopped = scan_segment(segment, segment.capacity(), !newest, |event| match event {
             ScanEvent::Frame { pos, view } => {
-                pending.push((pos, view.topic, view.meta.timestamp_ms));
+                pending.push((pos, view.topic, view.meta.timestamp_ms, view.meta.offset));
                 if !newest || view.is_batch_end() {
                     kept_end = (pos - base) as usize + view.padded_len();
                     records += pending.len() as u64;
-                    for (pos, topic, timestamp) in pending.drain(..) {
+                    for (pos, topic, timestamp, offset) in pending.drain(..) {
                         last_timestamp = last_timestamp.max(timestamp);
-                        index_frame(&mut topics, &log, pos, topic);
+                        index_frame(&mut topics, &log, pos, topic, offset);
                     }
                 }
             }
@@ -226,6 +253,12 @@ pub fn recover_shard(
             }
         });
         drop(pending);
+        if newest && !header_ok && records == 0 {
+            // A crash between reserving the file and writing its header.
+            tracing::warn!(file = %path.display(), "removing the newest segment: no header and no record");
+            log.discard_newest()?;
+            continue;
+        }
         report.records += records;
         report.corrupt_frames += corrupt.0;
         report.corrupt_bytes += corrupt.1;

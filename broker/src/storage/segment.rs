@@ -166,9 +166,10 @@ impl Segment {
     ) -> Result<Segment, IoError> {
         match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity) {
             Ok(()) => {}
-            Err(rustix::io::Errno::OPNOTSUPP) => file
-                .set_len(capacity)
-                .map_err(|e| IoError::new("sizing segment", path, e))?,
+            // A file system without fallocate: allocate by writing zeroes. A sparse
+            // file would turn a full disk into SIGBUS on a page fault of the mapping.
+            Err(rustix::io::Errno::OPNOTSUPP) => write_zeroes(&file, capacity)
+                .map_err(|e| IoError::new("reserving space for segment", path, e))?,
             Err(errno) => {
                 return Err(IoError::new(
                     "reserving space for segment",
@@ -301,9 +302,11 @@ impl Segment {
     }
 
     /// After a recovery scan: where the data ends and its newest timestamp.
+    /// The recovered data counts as unsynced: after a crash it may exist only in the
+    /// page cache, so the next sync covers all of it.
     pub fn set_recovered_len(&mut self, len: usize, last_timestamp_ms: u64) {
         self.len = len;
-        self.synced_len = len;
+        self.synced_len = SEGMENT_HEADER_LEN;
         self.last_timestamp_ms = last_timestamp_ms;
     }
 
@@ -357,16 +360,19 @@ impl Segment {
             .map_err(|e| IoError::new("syncing sealed segment", &self.path, e))?;
         Ok(freed)
     }
+}
 
-    /// Deletes the file.
-    pub fn delete(self) -> Result<(), IoError> {
-        let Segment {
-            path, map, file, ..
-        } = self;
-        drop(map);
-        drop(file);
-        std::fs::remove_file(&path).map_err(|e| IoError::new("deleting segment", &path, e))
+/// Extends `file` to `len` bytes by writing zeroes, so that every block is allocated.
+fn write_zeroes(file: &File, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let chunk = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = chunk.len().min((len - at) as usize);
+        file.write_all_at(&chunk[..n], at)?;
+        at += n as u64;
     }
+    file.sync_all()
 }
 
 /// Makes a directory's entries (created, renamed or deleted files) durable.
@@ -428,8 +434,13 @@ mod tests {
         let path = segment.path().to_owned();
         drop(segment);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 72);
-        let (reopened, header) = Segment::open(&path, 0).unwrap();
+        let (mut reopened, header) = Segment::open(&path, 0).unwrap();
         assert_eq!(header.unwrap().generation, 1);
         assert_eq!(&reopened.mapped()[64..72], b"abcdefgh");
+        // Recovered data may exist only in the page cache: the next sync covers it.
+        reopened.set_recovered_len(72, 5);
+        assert!(reopened.is_dirty());
+        reopened.sync().unwrap();
+        assert!(!reopened.is_dirty());
     }
 }

@@ -256,14 +256,14 @@ impl Shard {
         if self.epochs.remaining() < records.len() as u64 {
             return Err(AppendError::EpochsExhausted);
         }
-        if let Err(error) = self.log.ensure_room(total as usize) {
+        if let Err(error) = self.ensure_room(total as usize) {
             // Retention may free what the budget needs.
             if !matches!(error, AppendError::DiskBudgetExceeded { .. })
                 || self.enforce_retention(now_ms)? == 0
             {
                 return Err(error);
             }
-            self.log.ensure_room(total as usize)?;
+            self.ensure_room(total as usize)?;
         }
         self.stats
             .segment_bytes
@@ -277,6 +277,26 @@ impl Shard {
         ShardStats::add(&self.stats.records_appended, records.len() as u64);
         ShardStats::add(&self.stats.bytes_appended, total);
         Ok(appended)
+    }
+
+    /// Room for `bytes` in the newest segment; a failed seal stops the shard.
+    fn ensure_room(&mut self, bytes: usize) -> Result<(), AppendError> {
+        let result = self.log.ensure_room(bytes);
+        if let Err(AppendError::ShardFailed { reason, .. }) = &result {
+            tracing::error!(shard = self.options.id, %reason, "sealing a segment failed; the shard stops accepting appends");
+            self.failed = Some(reason.clone());
+        }
+        result
+    }
+
+    /// Why the shard stopped accepting appends, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// The shard's directory.
+    pub fn dir(&self) -> &Path {
+        self.log.dir()
     }
 
     fn append_one(&mut self, record: &NewRecord, flags: u8, now_ms: u64) -> Appended {
@@ -391,6 +411,7 @@ impl Shard {
     pub fn enforce_retention(&mut self, now_ms: u64) -> Result<usize, IoError> {
         let Retention { max_bytes, max_age } = self.options.retention;
         let mut dropped = 0;
+        let mut failure = Ok(());
         while let Some(oldest) = self.log.segments().first() {
             if self.log.segments().len() < 2 {
                 break;
@@ -405,8 +426,14 @@ impl Shard {
             if !(over_size || too_old) {
                 break;
             }
-            self.log.drop_oldest()?;
-            dropped += 1;
+            match self.log.drop_oldest() {
+                Ok(true) => dropped += 1,
+                Ok(false) => break,
+                Err(error) => {
+                    failure = Err(error);
+                    break;
+                }
+            }
         }
         if dropped > 0 {
             let start = self.log.start();
@@ -421,7 +448,7 @@ impl Shard {
         self.stats
             .segment_bytes
             .store(self.log.disk_bytes(), std::sync::atomic::Ordering::Relaxed);
-        Ok(dropped)
+        failure.map(|()| dropped)
     }
 
     /// Follows one pointer of the chain of `topic`, checking that it leads to the
@@ -743,16 +770,10 @@ impl Shard {
         let Some(current) = info else {
             return if offset == 0 { Ok(()) } else { lost(None) };
         };
+        // A reader can only have seen offsets below the next one; a position past it
+        // means records it saw are gone (a crash took them before the epoch changed).
         if offset > current.next_offset {
-            return if epoch == current.epoch {
-                Err(ReadError::OffsetOutOfRange {
-                    topic: topic.to_owned(),
-                    requested: offset,
-                    next: current.next_offset,
-                })
-            } else {
-                lost(info)
-            };
+            return lost(info);
         }
         if offset < current.earliest_offset {
             return lost(info);

@@ -118,6 +118,13 @@ impl Store {
             None => State::default(),
         };
         let clean = fresh || dir.join(CLEAN_FILE).exists();
+        // Forget the clean mark before recovery repairs anything: if this open fails
+        // or crashes half-way, the next one must still treat the stop as unclean.
+        match std::fs::remove_file(dir.join(CLEAN_FILE)) {
+            Ok(()) => sync_dir(&dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(IoError::new("removing", dir.join(CLEAN_FILE), e).into()),
+        }
         let generation = state.generation + 1;
         let budget = Arc::new(DiskBudget::new(config.disk_budget_bytes));
         let opened = Self::recover_shards(
@@ -144,11 +151,6 @@ impl Store {
             }
             .encode(),
         )?;
-        match std::fs::remove_file(dir.join(CLEAN_FILE)) {
-            Ok(()) => sync_dir(&dir)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(IoError::new("removing", dir.join(CLEAN_FILE), e).into()),
-        }
         let mut senders = Vec::new();
         let mut stats = Vec::new();
         let mut reports = Vec::new();

@@ -96,7 +96,11 @@ pub(crate) fn run(mut shard: Shard, commands: Receiver<Command>, fsync: FsyncPol
         let sync_now = stop.is_some()
             || match fsync {
                 FsyncPolicy::Always => !waiting.is_empty() || shard.is_dirty(),
-                FsyncPolicy::Interval(_) => sync_due.is_some_and(|due| now >= due),
+                // Waiters whose data a seal already synced are answered at once.
+                FsyncPolicy::Interval(_) => {
+                    sync_due.is_some_and(|due| now >= due)
+                        || (!waiting.is_empty() && !shard.is_dirty())
+                }
                 FsyncPolicy::Never => sync_requested,
             };
         let mut sync_result = Ok(());
@@ -121,7 +125,17 @@ pub(crate) fn run(mut shard: Shard, commands: Receiver<Command>, fsync: FsyncPol
             }
         }
         if let Some(reply) = stop {
-            let _ = reply.send(sync_result);
+            // A shard that failed a sync earlier must not let the store be marked
+            // clean: a later sync can succeed although the earlier data was dropped.
+            let result = match (sync_result, shard.failure()) {
+                (Ok(()), Some(reason)) => Err(IoError::new(
+                    "closing shard",
+                    shard.dir(),
+                    std::io::Error::other(format!("an earlier sync failed: {reason}")),
+                )),
+                (result, _) => result,
+            };
+            let _ = reply.send(result);
             return;
         }
     }
