@@ -1,0 +1,61 @@
+//! Switchyard's gRPC API, `switchyard.v1`: the messages, the `Broker` service's
+//! client (`broker_client::BrokerClient`) and server (`broker_server`) generated from
+//! `proto/switchyard/v1/broker.proto`. The semantics are in `docs/protocol.md`.
+//!
+//! Payloads are `bytes::Bytes`, so records pass from the wire to storage and back
+//! without copies.
+
+#![allow(missing_debug_implementations)]
+
+/// The `switchyard.v1` package.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, rust_2018_idioms)]
+    tonic::include_proto!("switchyard.v1");
+}
+
+pub use v1::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn publish_request_round_trips_with_bytes_payloads() {
+        let request = PublishRequest {
+            request_id: 7,
+            records: vec![PublishRecord {
+                topic: "guild.1".into(),
+                headers: vec![Header {
+                    key: "type".into(),
+                    value: "MESSAGE_CREATE".into(),
+                }],
+                payload: prost::bytes::Bytes::from_static(b"{}"),
+            }],
+            ack: AckLevel::Durable as i32,
+        };
+        let decoded = PublishRequest::decode(request.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded, request);
+        assert_eq!(decoded.ack(), AckLevel::Durable);
+    }
+
+    #[test]
+    fn start_positions_and_updates_are_oneofs() {
+        let add = SubscribeRequest {
+            command: Some(subscribe_request::Command::Add(Subscription {
+                id: 1,
+                topic: "user.2".into(),
+                start: Some(StartPosition {
+                    start: Some(start_position::Start::Resume(Position {
+                        offset: 10,
+                        epoch: 3,
+                    })),
+                }),
+                filter: String::new(),
+                context: [("roles".to_owned(), "1,2".to_owned())].into(),
+            })),
+        };
+        let decoded = SubscribeRequest::decode(add.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded, add);
+    }
+}
