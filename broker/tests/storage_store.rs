@@ -530,3 +530,53 @@ fn durable_acks_wait_for_a_sync_under_every_policy() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_appends_and_reads_wait_without_blocking_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    // A queue of one command: concurrent producers find it full and must wait.
+    config.shard_queue_depth = 1;
+    let store = Store::open(config).unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .append_async(vec![record("guild.1", format!("{i}"))], Ack::Durable)
+                    .await
+                    .unwrap()[0]
+                    .offset
+            })
+        })
+        .collect();
+    let mut offsets = Vec::new();
+    for task in tasks {
+        offsets.push(task.await.unwrap());
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..64).collect::<Vec<u64>>());
+    let batch = store
+        .read_async(
+            "guild.1",
+            0,
+            ReadLimits {
+                max_records: 100,
+                max_bytes: usize::MAX,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(batch.records.len(), 64);
+    assert_eq!(
+        store
+            .topic_info_async("guild.1")
+            .await
+            .unwrap()
+            .unwrap()
+            .next_offset,
+        64
+    );
+    // The last handle dropped inside the runtime closes the store without panicking.
+    drop(store);
+}

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use crate::storage::config::StoreConfig;
@@ -277,13 +277,8 @@ impl Store {
         self.inner.budget.used()
     }
 
-    /// Hands `records` to their shards and returns a handle to wait on.
-    ///
-    /// A batch whose records all live in one shard is written contiguously and
-    /// becomes durable as one. A batch spanning shards is checked whole first (a bad
-    /// record refuses all of it); each shard's part is then atomic, but a disk error in
-    /// one shard does not undo the others. Blocks while a shard's queue is full.
-    pub fn submit(&self, records: Vec<NewRecord>, ack: Ack) -> Result<PendingAppend, AppendError> {
+    /// Checks a batch and splits it by shard: `(shard, indexes in the batch, records)`.
+    fn partition(&self, records: Vec<NewRecord>) -> Result<Vec<ShardPart>, AppendError> {
         let config = &self.inner.config;
         check_batch(
             &records,
@@ -293,29 +288,40 @@ impl Store {
         )?;
         let count = records.len();
         let first_shard = self.shard_of(&records[0].topic);
-        let mut parts: Vec<(u32, Vec<usize>, Vec<NewRecord>)> = Vec::new();
         if records
             .iter()
             .all(|r| self.shard_of(&r.topic) == first_shard)
         {
-            parts.push((first_shard, (0..count).collect(), records));
-        } else {
-            let mut by_shard: Vec<Option<(Vec<usize>, Vec<NewRecord>)>> =
-                vec![None; self.inner.shard_count as usize];
-            for (index, record) in records.into_iter().enumerate() {
-                let shard = self.shard_of(&record.topic) as usize;
-                let (indexes, part) = by_shard[shard].get_or_insert_with(Default::default);
-                indexes.push(index);
-                part.push(record);
-            }
-            for (shard, part) in by_shard.into_iter().enumerate() {
-                if let Some((indexes, records)) = part {
-                    parts.push((shard as u32, indexes, records));
-                }
-            }
+            return Ok(vec![(first_shard, (0..count).collect(), records)]);
         }
-        let mut waits = Vec::with_capacity(parts.len());
-        for (shard, indexes, records) in parts {
+        let mut by_shard: Vec<Option<(Vec<usize>, Vec<NewRecord>)>> =
+            vec![None; self.inner.shard_count as usize];
+        for (index, record) in records.into_iter().enumerate() {
+            let shard = self.shard_of(&record.topic) as usize;
+            let (indexes, part) = by_shard[shard].get_or_insert_with(Default::default);
+            indexes.push(index);
+            part.push(record);
+        }
+        Ok(by_shard
+            .into_iter()
+            .enumerate()
+            .filter_map(|(shard, part)| {
+                part.map(|(indexes, records)| (shard as u32, indexes, records))
+            })
+            .collect())
+    }
+
+    /// Hands `records` to their shards and returns a handle to wait on.
+    ///
+    /// A batch whose records all live in one shard is written contiguously and
+    /// becomes durable as one. A batch spanning shards is checked whole first (a bad
+    /// record refuses all of it); each shard's part is then atomic, but a disk error in
+    /// one shard does not undo the others. Blocks while a shard's queue is full (use
+    /// [`Store::submit_async`] in async code).
+    pub fn submit(&self, records: Vec<NewRecord>, ack: Ack) -> Result<PendingAppend, AppendError> {
+        let count = records.len();
+        let mut waits = Vec::new();
+        for (shard, indexes, records) in self.partition(records)? {
             let (reply, receiver) = oneshot::channel();
             self.inner.senders[shard as usize]
                 .send(Command::Append {
@@ -329,10 +335,56 @@ impl Store {
         Ok(PendingAppend { count, waits })
     }
 
+    /// [`Store::submit`] for async code: when a shard's queue is full it waits without
+    /// blocking the runtime's threads.
+    pub async fn submit_async(
+        &self,
+        records: Vec<NewRecord>,
+        ack: Ack,
+    ) -> Result<PendingAppend, AppendError> {
+        let count = records.len();
+        let mut waits = Vec::new();
+        for (shard, indexes, records) in self.partition(records)? {
+            let (reply, receiver) = oneshot::channel();
+            send_async(
+                &self.inner.senders[shard as usize],
+                Command::Append {
+                    records,
+                    ack,
+                    reply,
+                },
+            )
+            .await
+            .map_err(|()| AppendError::Closed)?;
+            waits.push((indexes, receiver));
+        }
+        Ok(PendingAppend { count, waits })
+    }
+
+    /// [`Store::append`] for async code.
+    pub async fn append_async(
+        &self,
+        records: Vec<NewRecord>,
+        ack: Ack,
+    ) -> Result<Vec<Appended>, AppendError> {
+        self.submit_async(records, ack).await?.wait_async().await
+    }
+
     /// Appends `records` and waits for the acknowledgement `ack` asks for. Returns each
     /// record's offset and epoch, in the order given. See [`Store::submit`].
     pub fn append(&self, records: Vec<NewRecord>, ack: Ack) -> Result<Vec<Appended>, AppendError> {
         self.submit(records, ack)?.wait()
+    }
+
+    /// A command that runs `operation` on a shard's thread, and where its result comes.
+    fn command<T: Send + 'static>(
+        operation: impl FnOnce(&mut Shard) -> T + Send + 'static,
+    ) -> (Command, oneshot::Receiver<T>) {
+        let (reply, receiver) = oneshot::channel();
+        let command = Command::Run(Box::new(move |shard: &mut Shard| {
+            let _ = reply.send(operation(shard));
+        }));
+        (command, receiver)
     }
 
     /// Runs `operation` on the thread of the shard holding `topic` and waits for it.
@@ -341,14 +393,43 @@ impl Store {
         topic: &str,
         operation: impl FnOnce(&mut Shard) -> T + Send + 'static,
     ) -> Result<T, ReadError> {
-        let (reply, receiver) = oneshot::channel();
-        let shard = self.shard_of(topic) as usize;
-        self.inner.senders[shard]
-            .send(Command::Run(Box::new(move |shard: &mut Shard| {
-                let _ = reply.send(operation(shard));
-            })))
+        let (command, receiver) = Self::command(operation);
+        self.inner.senders[self.shard_of(topic) as usize]
+            .send(command)
             .map_err(|_| ReadError::Closed)?;
         receiver.blocking_recv().map_err(|_| ReadError::Closed)
+    }
+
+    /// Runs `operation` on the thread of the shard holding `topic`, for async code.
+    pub async fn on_shard_of<T: Send + 'static>(
+        &self,
+        topic: &str,
+        operation: impl FnOnce(&mut Shard) -> T + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let (command, receiver) = Self::command(operation);
+        send_async(&self.inner.senders[self.shard_of(topic) as usize], command)
+            .await
+            .map_err(|()| ReadError::Closed)?;
+        receiver.await.map_err(|_| ReadError::Closed)
+    }
+
+    /// [`Store::read`] for async code.
+    pub async fn read_async(
+        &self,
+        topic: &str,
+        from: u64,
+        limits: ReadLimits,
+    ) -> Result<ReadBatch, ReadError> {
+        let name = topic.to_owned();
+        self.on_shard_of(topic, move |shard| shard.read(&name, from, limits))
+            .await?
+    }
+
+    /// [`Store::topic_info`] for async code.
+    pub async fn topic_info_async(&self, topic: &str) -> Result<Option<TopicInfo>, ReadError> {
+        let name = topic.to_owned();
+        self.on_shard_of(topic, move |shard| shard.topic_info(&name))
+            .await?
     }
 
     /// Reads `topic` forward from offset `from`.
@@ -493,6 +574,25 @@ impl Drop for Inner {
     fn drop(&mut self) {
         if let Err(error) = self.shutdown() {
             tracing::error!(%error, "closing the store on drop failed");
+        }
+    }
+}
+
+/// One shard's part of a batch: the shard, the records' indexes in the batch, the
+/// records.
+type ShardPart = (u32, Vec<usize>, Vec<NewRecord>);
+
+/// Sends a command without blocking an async runtime's thread: when the queue is
+/// full, the send waits on the blocking pool (that is the back-pressure).
+async fn send_async(sender: &Sender<Command>, command: Command) -> Result<(), ()> {
+    match sender.try_send(command) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Disconnected(_)) => Err(()),
+        Err(TrySendError::Full(command)) => {
+            let sender = sender.clone();
+            tokio::task::spawn_blocking(move || sender.send(command).map_err(|_| ()))
+                .await
+                .map_err(|_| ())?
         }
     }
 }
