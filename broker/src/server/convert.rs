@@ -1,0 +1,67 @@
+//! Conversions between the wire types (`switchyard_proto`) and the storage types.
+//! `pb::` types go no further into the broker than this file.
+
+use switchyard_proto as pb;
+
+use crate::storage::{Ack, Appended, Header, NewRecord, Record, TopicInfo};
+
+pub fn ack(level: pb::AckLevel) -> Ack {
+    match level {
+        pb::AckLevel::Durable => Ack::Durable,
+        pb::AckLevel::Written | pb::AckLevel::Unspecified => Ack::Written,
+    }
+}
+
+pub fn new_record(record: pb::PublishRecord) -> NewRecord {
+    NewRecord {
+        topic: record.topic,
+        headers: record
+            .headers
+            .into_iter()
+            .map(|h| Header {
+                key: h.key,
+                value: h.value,
+            })
+            .collect(),
+        payload: record.payload,
+    }
+}
+
+pub fn position(appended: &Appended) -> pb::Position {
+    pb::Position {
+        offset: appended.offset,
+        epoch: appended.epoch,
+    }
+}
+
+pub fn delivery(record: Record, subscription_ids: Vec<u64>) -> pb::Delivery {
+    pb::Delivery {
+        topic: record.topic,
+        offset: record.offset,
+        epoch: record.epoch,
+        timestamp_ms: record.timestamp_ms,
+        headers: record
+            .headers
+            .into_iter()
+            .map(|h| pb::Header {
+                key: h.key,
+                value: h.value,
+            })
+            .collect(),
+        payload: record.payload,
+        subscription_ids,
+    }
+}
+
+pub fn topic_info(info: Option<TopicInfo>) -> pb::TopicInfoResponse {
+    match info {
+        Some(info) => pb::TopicInfoResponse {
+            exists: true,
+            epoch: info.epoch,
+            earliest_offset: info.earliest_offset,
+            next_offset: info.next_offset,
+            latest_timestamp_ms: info.latest_timestamp_ms,
+        },
+        None => pb::TopicInfoResponse::default(),
+    }
+}

@@ -1,0 +1,194 @@
+//! The `switchyard.v1.Broker` service over a [`Store`].
+
+use std::pin::Pin;
+
+use switchyard_proto as pb;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::server::convert;
+use crate::server::status::{append_code, append_status, read_status};
+use crate::storage::{AppendError, ReadLimits, Store};
+
+/// Publish requests of one PublishStream that may wait for their acknowledgement at
+/// once; past it the stream stops reading requests (back-pressure to the producer).
+pub const MAX_PUBLISHES_IN_FLIGHT: usize = 1024;
+/// Most records one Fetch returns.
+pub const MAX_FETCH_RECORDS: usize = 10_000;
+/// Most payload bytes one Fetch returns (and its default).
+pub const MAX_FETCH_BYTES: usize = 4 << 20;
+
+/// Serves the broker API from a store.
+#[derive(Debug, Clone)]
+pub struct BrokerService {
+    store: Store,
+}
+
+impl BrokerService {
+    pub fn new(store: Store) -> Self {
+        BrokerService { store }
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn refused(request_id: u64, error: &AppendError) -> pb::PublishResponse {
+    pb::PublishResponse {
+        request_id,
+        positions: Vec::new(),
+        error: Some(pb::Error {
+            code: append_code(error) as i32,
+            message: error.to_string(),
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::broker_server::Broker for BrokerService {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let request = request.into_inner();
+        let ack = convert::ack(request.ack());
+        let records = request
+            .records
+            .into_iter()
+            .map(convert::new_record)
+            .collect();
+        let appended = self
+            .store
+            .append_async(records, ack)
+            .await
+            .map_err(|e| append_status(&e))?;
+        Ok(Response::new(pb::PublishResponse {
+            request_id: request.request_id,
+            positions: appended.iter().map(convert::position).collect(),
+            error: None,
+        }))
+    }
+
+    type PublishStreamStream = ResponseStream<pb::PublishResponse>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let store = self.store.clone();
+        // Requests are handed to the shards in the order they arrive (so per-topic
+        // order follows the stream), then acknowledged in that same order.
+        let (pending_tx, mut pending_rx) = mpsc::channel(MAX_PUBLISHES_IN_FLIGHT);
+        let (out_tx, out_rx) = mpsc::channel(MAX_PUBLISHES_IN_FLIGHT);
+        tokio::spawn(async move {
+            loop {
+                let request: pb::PublishRequest = match inbound.message().await {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "publish stream ended by the client");
+                        break;
+                    }
+                };
+                let ack = convert::ack(request.ack());
+                let records = request
+                    .records
+                    .into_iter()
+                    .map(convert::new_record)
+                    .collect();
+                let pending = store.submit_async(records, ack).await;
+                if pending_tx
+                    .send((request.request_id, pending))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some((request_id, pending)) = pending_rx.recv().await {
+                let response = match pending {
+                    Ok(pending) => match pending.wait_async().await {
+                        Ok(appended) => pb::PublishResponse {
+                            request_id,
+                            positions: appended.iter().map(convert::position).collect(),
+                            error: None,
+                        },
+                        Err(error) => refused(request_id, &error),
+                    },
+                    Err(error) => refused(request_id, &error),
+                };
+                if out_tx.send(Ok(response)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    type SubscribeStream = ResponseStream<pb::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        _request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        Err(Status::unimplemented(
+            "Subscribe is not implemented in this build yet; use Fetch to read history",
+        ))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
+        let request = request.into_inner();
+        let limits = ReadLimits {
+            max_records: match request.max_records as usize {
+                0 => MAX_FETCH_RECORDS,
+                n => n.min(MAX_FETCH_RECORDS),
+            },
+            max_bytes: match request.max_bytes as usize {
+                0 => MAX_FETCH_BYTES,
+                n => n.min(MAX_FETCH_BYTES),
+            },
+        };
+        let batch = self
+            .store
+            .read_async(&request.topic, request.offset, limits)
+            .await
+            .map_err(|e| read_status(&e))?;
+        Ok(Response::new(pb::FetchResponse {
+            records: batch
+                .records
+                .into_iter()
+                .map(|r| convert::delivery(r, Vec::new()))
+                .collect(),
+            next_offset: batch.next_offset,
+        }))
+    }
+
+    async fn get_topic_info(
+        &self,
+        request: Request<pb::TopicInfoRequest>,
+    ) -> Result<Response<pb::TopicInfoResponse>, Status> {
+        let info = self
+            .store
+            .topic_info_async(&request.into_inner().topic)
+            .await
+            .map_err(|e| read_status(&e))?;
+        Ok(Response::new(convert::topic_info(info)))
+    }
+
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(pb::HealthResponse {
+            status: pb::health_response::Status::Serving as i32,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+}

@@ -1,0 +1,261 @@
+//! The gRPC server on a real loopback port, driven by the generated client.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use switchyard_broker::server;
+use switchyard_broker::storage::Store;
+use switchyard_proto as pb;
+use switchyard_proto::broker_client::BrokerClient;
+use tokio::sync::oneshot;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// A broker serving a fresh store on 127.0.0.1:0.
+struct Broker {
+    address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    async fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(common::small_config(dir.path())).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = store.clone();
+        let task = tokio::spawn(async move {
+            server::run(listener, serving, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Broker {
+            address,
+            stop: Some(stop),
+            task: Some(task),
+            store,
+            _dir: dir,
+        }
+    }
+
+    async fn client(&self) -> BrokerClient<Channel> {
+        BrokerClient::connect(format!("http://{}", self.address))
+            .await
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap();
+        self.store.close().unwrap();
+    }
+}
+
+fn record(topic: &str, payload: &str) -> pb::PublishRecord {
+    pb::PublishRecord {
+        topic: topic.into(),
+        headers: vec![pb::Header {
+            key: "type".into(),
+            value: "MESSAGE_CREATE".into(),
+        }],
+        payload: payload.to_owned().into(),
+    }
+}
+
+fn publish(
+    request_id: u64,
+    records: Vec<pb::PublishRecord>,
+    ack: pb::AckLevel,
+) -> pb::PublishRequest {
+    pb::PublishRequest {
+        request_id,
+        records,
+        ack: ack as i32,
+    }
+}
+
+#[tokio::test]
+async fn publish_then_fetch_and_topic_info() {
+    let broker = Broker::start().await;
+    let mut client = broker.client().await;
+    let response = client
+        .publish(publish(
+            9,
+            vec![
+                record("guild.1", "a"),
+                record("guild.1", "b"),
+                record("user.2", "c"),
+            ],
+            pb::AckLevel::Durable,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.request_id, 9);
+    let offsets: Vec<u64> = response.positions.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, vec![0, 1, 0]);
+
+    let fetched = client
+        .fetch(pb::FetchRequest {
+            topic: "guild.1".into(),
+            offset: 0,
+            max_records: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.next_offset, 2);
+    assert_eq!(fetched.records[1].payload, "b".as_bytes());
+    assert_eq!(fetched.records[0].headers[0].value, "MESSAGE_CREATE");
+    assert_eq!(fetched.records[0].epoch, response.positions[0].epoch);
+
+    let info = client
+        .get_topic_info(pb::TopicInfoRequest {
+            topic: "guild.1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(info.exists);
+    assert_eq!((info.earliest_offset, info.next_offset), (0, 2));
+    let missing = client
+        .get_topic_info(pb::TopicInfoRequest {
+            topic: "guild.404".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!missing.exists);
+
+    let health = client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status(), pb::health_response::Status::Serving);
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_statuses_a_person_can_act_on() {
+    let broker = Broker::start().await;
+    let mut client = broker.client().await;
+    let status = client
+        .publish(publish(
+            1,
+            vec![record("guild 1", "x")],
+            pb::AckLevel::Written,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("guild 1"), "{}", status.message());
+
+    let big = "x".repeat(20 << 10);
+    let status = client
+        .publish(publish(
+            2,
+            vec![record("guild.1", &big)],
+            pb::AckLevel::Written,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("limit"), "{}", status.message());
+
+    let status = client
+        .publish(publish(3, vec![], pb::AckLevel::Written))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
+    let status = client
+        .fetch(pb::FetchRequest {
+            topic: "guild.1".into(),
+            offset: 5,
+            max_records: 10,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange);
+    assert!(
+        status.message().contains("next offset is 0"),
+        "{}",
+        status.message()
+    );
+    broker.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_publishes_are_answered_in_order_and_refusals_do_not_end_the_stream() {
+    let broker = Broker::start().await;
+    let mut client = broker.client().await;
+    let requests: Vec<pb::PublishRequest> = (0..200u64)
+        .map(|i| {
+            let topic = if i == 100 {
+                "bad topic".to_owned()
+            } else {
+                format!("guild.{}", i % 3)
+            };
+            publish(
+                i,
+                vec![record(&topic, &i.to_string())],
+                pb::AckLevel::Written,
+            )
+        })
+        .collect();
+    let mut responses = client
+        .publish_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_offset = [0u64; 3];
+    let mut count = 0;
+    while let Some(response) = responses.message().await.unwrap() {
+        assert_eq!(response.request_id, count);
+        if count == 100 {
+            let error = response.error.expect("the bad topic is refused");
+            assert_eq!(error.code, Code::InvalidArgument as i32);
+        } else {
+            let topic = (count % 3) as usize;
+            assert_eq!(
+                response.positions[0].offset, next_offset[topic],
+                "request {count}"
+            );
+            next_offset[topic] += 1;
+        }
+        count += 1;
+    }
+    assert_eq!(count, 200);
+    // The records landed in the order they were sent.
+    let fetched = client
+        .fetch(pb::FetchRequest {
+            topic: "guild.0".into(),
+            offset: 0,
+            max_records: 0,
+            max_bytes: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let sent: Vec<String> = (0..200u64)
+        .filter(|i| i % 3 == 0 && *i != 100)
+        .map(|i| i.to_string())
+        .collect();
+    let got: Vec<String> = fetched
+        .records
+        .iter()
+        .map(|r| String::from_utf8(r.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(got, sent);
+    broker.stop().await;
+}
