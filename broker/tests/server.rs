@@ -2,84 +2,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
-use switchyard_broker::server;
-use switchyard_broker::storage::Store;
+use common::broker::{Broker, publish, record};
 use switchyard_proto as pb;
-use switchyard_proto::broker_client::BrokerClient;
-use tokio::sync::oneshot;
 use tonic::Code;
-use tonic::transport::Channel;
-
-/// A broker serving a fresh store on 127.0.0.1:0.
-struct Broker {
-    address: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    store: Store,
-    _dir: tempfile::TempDir,
-}
-
-impl Broker {
-    async fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(common::small_config(dir.path())).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let serving = store.clone();
-        let task = tokio::spawn(async move {
-            server::run(listener, serving, async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        Broker {
-            address,
-            stop: Some(stop),
-            task: Some(task),
-            store,
-            _dir: dir,
-        }
-    }
-
-    async fn client(&self) -> BrokerClient<Channel> {
-        BrokerClient::connect(format!("http://{}", self.address))
-            .await
-            .unwrap()
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.take().unwrap().await.unwrap();
-        self.store.close().unwrap();
-    }
-}
-
-fn record(topic: &str, payload: &str) -> pb::PublishRecord {
-    pb::PublishRecord {
-        topic: topic.into(),
-        headers: vec![pb::Header {
-            key: "type".into(),
-            value: "MESSAGE_CREATE".into(),
-        }],
-        payload: payload.to_owned().into(),
-    }
-}
-
-fn publish(
-    request_id: u64,
-    records: Vec<pb::PublishRecord>,
-    ack: pb::AckLevel,
-) -> pb::PublishRequest {
-    pb::PublishRequest {
-        request_id,
-        records,
-        ack: ack as i32,
-    }
-}
 
 #[tokio::test]
 async fn publish_then_fetch_and_topic_info() {
@@ -159,7 +84,7 @@ async fn bad_requests_get_statuses_a_person_can_act_on() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("guild 1"), "{}", status.message());
 
-    let big = "x".repeat(20 << 10);
+    let big = "x".repeat(100 << 10);
     let status = client
         .publish(publish(
             2,

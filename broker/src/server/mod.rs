@@ -1,13 +1,18 @@
 //! The gRPC server: the `switchyard.v1.Broker` service over a [`Store`].
 //!
 //! # Layout
-//! - [`service`]: the service's handlers.
+//! - [`service`]: the service's handlers and the server's limits.
+//! - [`hub`]: which streams follow which topics; the live tail (the store's append
+//!   observer), metered per stream.
+//! - [`subscribe`]: one subscriber stream: replay joined to the live tail, batching.
 //! - [`convert`]: wire types ↔ storage types (the only place `pb::` meets storage).
 //! - [`status`]: storage errors → gRPC statuses.
 
 pub mod convert;
+pub mod hub;
 pub mod service;
 pub mod status;
+pub mod subscribe;
 
 use std::future::Future;
 
@@ -17,27 +22,60 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::storage::Store;
 
-pub use service::BrokerService;
+pub use service::{AlreadyServed, BrokerService, ServerConfig};
 
 /// Largest gRPC message accepted or sent: a publish batch may hold 16 MiB of records,
 /// plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 20 << 20;
 
+/// Completes once `stopping` turns true (never, if its sender is gone).
+pub(crate) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *stopping.borrow_and_update() {
+            return;
+        }
+        if stopping.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    AlreadyServed(#[from] AlreadyServed),
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
 /// Serves the broker API on `listener` until `shutdown` completes, then stops taking
-/// requests and lets those in progress finish. The store is not closed: the caller
+/// requests, ends subscriber and publish streams (subscribers get UNAVAILABLE and
+/// resume from their last positions) and lets unary calls in progress finish. The store is not closed: the caller
 /// owns it.
 pub async fn run(
     listener: TcpListener,
     store: Store,
+    config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), ServeError> {
     let address = listener.local_addr().ok();
     tracing::info!(?address, "serving gRPC");
-    let service = BrokerServer::new(BrokerService::new(store))
+    let service = BrokerService::new(store, config)?;
+    // Long-lived streams end when shutdown begins (subscribers are told to resume
+    // elsewhere or later); otherwise the graceful stop would wait for them forever.
+    let stopping = service.stopping_sender();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending streams");
+        let _ = stopping.send(true);
+    };
+    let service = BrokerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+        .await?;
+    Ok(())
 }

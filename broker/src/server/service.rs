@@ -1,15 +1,18 @@
 //! The `switchyard.v1.Broker` service over a [`Store`].
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use switchyard_proto as pb;
-use tokio::sync::mpsc;
-use tokio_stream::Stream;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::server::convert;
+use crate::server::hub::{HubStats, SubscriptionHub};
 use crate::server::status::{append_code, append_status, read_status};
+use crate::server::subscribe::{self, StreamChannels, StreamLimits};
 use crate::storage::{AppendError, ReadLimits, Store};
 
 /// Publish requests of one PublishStream that may wait for their acknowledgement at
@@ -20,17 +23,77 @@ pub const MAX_FETCH_RECORDS: usize = 10_000;
 /// Most payload bytes one Fetch returns (and its default).
 pub const MAX_FETCH_BYTES: usize = 4 << 20;
 
+/// Limits of the server (defaults in [`ServerConfig::default`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerConfig {
+    /// Bytes of deliveries that may wait for one subscriber stream before it is cut
+    /// off as a slow consumer.
+    pub max_pending_bytes_per_stream: usize,
+    /// Subscriber streams served at once.
+    pub max_streams: usize,
+    /// Subscriptions one stream may hold.
+    pub max_subscriptions_per_stream: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_pending_bytes_per_stream: 8 << 20,
+            max_streams: 10_000,
+            max_subscriptions_per_stream: 1_000_000,
+        }
+    }
+}
+
+/// Responses buffered per subscriber stream before gRPC flow control holds them.
+const SUBSCRIBE_OUT_BUFFER: usize = 16;
+
 /// Serves the broker API from a store.
 #[derive(Debug, Clone)]
 pub struct BrokerService {
     store: Store,
+    hub: Arc<SubscriptionHub>,
+    config: ServerConfig,
+    /// Becomes true when the server begins to shut down; streams end then.
+    stopping: watch::Sender<bool>,
 }
 
 impl BrokerService {
-    pub fn new(store: Store) -> Self {
-        BrokerService { store }
+    /// A service over `store`; it becomes the store's append observer, which a store
+    /// has at most one of.
+    pub fn new(store: Store, config: ServerConfig) -> Result<Self, AlreadyServed> {
+        let hub = Arc::new(SubscriptionHub::new(
+            store.shard_count(),
+            config.max_pending_bytes_per_stream,
+            config.max_streams,
+        ));
+        store
+            .set_append_observer(hub.clone())
+            .map_err(|_| AlreadyServed)?;
+        let (stopping, _) = watch::channel(false);
+        Ok(BrokerService {
+            store,
+            hub,
+            config,
+            stopping,
+        })
+    }
+
+    /// Set to true to end every stream (the server does when shutdown begins).
+    pub fn stopping_sender(&self) -> watch::Sender<bool> {
+        self.stopping.clone()
+    }
+
+    /// Counters of the subscriptions.
+    pub fn hub_stats(&self) -> &HubStats {
+        self.hub.stats()
     }
 }
+
+/// A store can feed one service's subscriptions only.
+#[derive(Debug, thiserror::Error)]
+#[error("this store already feeds a broker service")]
+pub struct AlreadyServed;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -78,13 +141,19 @@ impl pb::broker_server::Broker for BrokerService {
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let mut inbound = request.into_inner();
         let store = self.store.clone();
+        let mut stopping = self.stopping.subscribe();
         // Requests are handed to the shards in the order they arrive (so per-topic
         // order follows the stream), then acknowledged in that same order.
         let (pending_tx, mut pending_rx) = mpsc::channel(MAX_PUBLISHES_IN_FLIGHT);
         let (out_tx, out_rx) = mpsc::channel(MAX_PUBLISHES_IN_FLIGHT);
         tokio::spawn(async move {
             loop {
-                let request: pb::PublishRequest = match inbound.message().await {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    // Stop reading at shutdown; what was read is still answered.
+                    () = crate::server::stopped(&mut stopping) => break,
+                };
+                let request: pb::PublishRequest = match message {
                     Ok(Some(request)) => request,
                     Ok(None) => break,
                     Err(status) => {
@@ -133,11 +202,38 @@ impl pb::broker_server::Broker for BrokerService {
 
     async fn subscribe(
         &self,
-        _request: Request<Streaming<pb::SubscribeRequest>>,
+        request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(Status::unimplemented(
-            "Subscribe is not implemented in this build yet; use Fetch to read history",
-        ))
+        let Some((sink, live)) = self.hub.open_stream() else {
+            return Err(Status::resource_exhausted(format!(
+                "this broker serves at most {} subscriber streams; multiplex subscriptions on fewer streams or try another broker",
+                self.config.max_streams
+            )));
+        };
+        let (out_tx, out_rx) = mpsc::channel(SUBSCRIBE_OUT_BUFFER);
+        let (status_tx, status_rx) = oneshot::channel::<Status>();
+        let limits = StreamLimits {
+            max_subscriptions: self.config.max_subscriptions_per_stream,
+        };
+        let channels = StreamChannels {
+            inbound: request.into_inner(),
+            out: out_tx,
+            final_status: status_tx,
+            sink,
+            live,
+            stopping: self.stopping.subscribe(),
+        };
+        tokio::spawn(subscribe::serve(
+            self.store.clone(),
+            self.hub.clone(),
+            limits,
+            channels,
+        ));
+        // The stream's final status (a cut-off) must not queue behind responses the
+        // client is not reading.
+        let final_status = futures_util::stream::once(status_rx).filter_map(|s| s.ok().map(Err));
+        let responses = ReceiverStream::new(out_rx).merge(final_status);
+        Ok(Response::new(Box::pin(responses)))
     }
 
     async fn fetch(

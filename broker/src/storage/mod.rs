@@ -8,6 +8,7 @@
 //! - [`registry`]: the packed open-addressing table mapping a topic to its latest record.
 //! - [`shard`]: the single-writer shard — append, read, recovery, retention, epochs.
 //! - [`worker`]: the thread that owns a shard and runs group commit.
+//! - [`observer`]: the hook that tells of every append (the live tail).
 //! - [`store`]: the public entry point — a data directory of shards behind one handle.
 //! - [`manifest`]: the data directory's manifest and generation state files.
 //! - [`config`]: storage settings, their defaults and validation.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod log;
 pub mod manifest;
+pub mod observer;
 pub mod record;
 pub mod recovery;
 pub mod registry;
@@ -30,6 +32,7 @@ mod worker;
 
 pub use config::{FsyncPolicy, Retention, StoreConfig};
 pub use error::{AppendError, OpenError, ReadError};
+pub use observer::AppendObserver;
 pub use record::{Header, NewRecord, Record};
 pub use shard::{Appended, ReadBatch, ReadLimits, TopicInfo};
 pub use stats::StatsSnapshot;

@@ -16,7 +16,7 @@
 //! ```
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -30,6 +30,7 @@ use crate::storage::manifest::{
     CLEAN_FILE, DirLock, MANIFEST_FILE, Manifest, STATE_FILE, State, read_optional, shard_dir,
     write_atomic,
 };
+use crate::storage::observer::AppendObserver;
 use crate::storage::record::NewRecord;
 use crate::storage::recovery::RecoveryReport;
 use crate::storage::segment::sync_dir;
@@ -65,6 +66,8 @@ struct Inner {
     /// Held while open: a second process must not write the same files. Released by
     /// close.
     lock: Mutex<Option<DirLock>>,
+    /// Told of every append by the shard threads, once set.
+    observer: Arc<OnceLock<Arc<dyn AppendObserver>>>,
 }
 
 /// An open data directory. Cheap to clone; every clone talks to the same shards.
@@ -151,6 +154,7 @@ impl Store {
             }
             .encode(),
         )?;
+        let observer: Arc<OnceLock<Arc<dyn AppendObserver>>> = Arc::new(OnceLock::new());
         let mut senders = Vec::new();
         let mut stats = Vec::new();
         let mut reports = Vec::new();
@@ -161,7 +165,10 @@ impl Store {
             let fsync = config.fsync;
             let thread = std::thread::Builder::new()
                 .name(format!("shard-{}", shard.id()))
-                .spawn(move || worker::run(shard, receiver, fsync))
+                .spawn({
+                    let observer = observer.clone();
+                    move || worker::run(shard, receiver, fsync, observer)
+                })
                 .map_err(|e| IoError::new("starting shard thread for", &dir, e))?;
             senders.push(sender);
             stats.push(shard_stats);
@@ -188,6 +195,7 @@ impl Store {
                 threads: Mutex::new(Some(threads)),
                 generation,
                 lock: Mutex::new(Some(lock)),
+                observer,
             }),
         })
     }
@@ -237,6 +245,15 @@ impl Store {
             }
         }
         Ok(opened)
+    }
+
+    /// Installs the observer every shard thread tells of its appends (see
+    /// [`AppendObserver`]). It can be set once; a second call returns it back.
+    pub fn set_append_observer(
+        &self,
+        observer: Arc<dyn AppendObserver>,
+    ) -> Result<(), Arc<dyn AppendObserver>> {
+        self.inner.observer.set(observer)
     }
 
     /// Number of shards (fixed when the data directory was created).

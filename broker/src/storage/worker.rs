@@ -1,6 +1,7 @@
 //! The thread that owns a shard: it takes commands from a bounded queue, appends, and
 //! runs group commit — appends that arrive together share one sync.
 
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -8,6 +9,7 @@ use tokio::sync::oneshot;
 
 use crate::storage::config::FsyncPolicy;
 use crate::storage::error::{AppendError, IoError};
+use crate::storage::observer::AppendObserver;
 use crate::storage::record::NewRecord;
 use crate::storage::shard::{Appended, Shard};
 use crate::storage::store::Ack;
@@ -42,7 +44,12 @@ fn wall_clock_ms() -> u64 {
 }
 
 /// Runs the shard until it is told to stop or every sender is gone.
-pub(crate) fn run(mut shard: Shard, commands: Receiver<Command>, fsync: FsyncPolicy) {
+pub(crate) fn run(
+    mut shard: Shard,
+    commands: Receiver<Command>,
+    fsync: FsyncPolicy,
+    observer: Arc<OnceLock<Arc<dyn AppendObserver>>>,
+) {
     // Appends waiting for the sync that covers them, with their result.
     let mut waiting: Vec<(AppendReply, Result<Vec<Appended>, AppendError>)> = Vec::new();
     let mut sync_due: Option<Instant> = None;
@@ -70,6 +77,9 @@ pub(crate) fn run(mut shard: Shard, commands: Receiver<Command>, fsync: FsyncPol
                 } => {
                     now_ms = now_ms.max(wall_clock_ms());
                     let result = shard.append(&records, now_ms);
+                    if let (Ok(appended), Some(observer)) = (&result, observer.get()) {
+                        observer.appended(shard.id(), &records, appended, now_ms);
+                    }
                     let must_wait =
                         result.is_ok() && (ack == Ack::Durable || fsync == FsyncPolicy::Always);
                     if must_wait {

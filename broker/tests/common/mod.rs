@@ -1,6 +1,8 @@
 //! Helpers shared by the storage integration tests.
 #![allow(dead_code)]
 
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 
 use switchyard_broker::storage::{FsyncPolicy, NewRecord, Retention, StoreConfig};

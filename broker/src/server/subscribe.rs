@@ -1,0 +1,545 @@
+//! One subscriber stream: subscriptions come and go on it, deliveries go out batched.
+//!
+//! Joining the live tail without a gap or a repeat: a subscription is registered
+//! with the hub on its shard's own thread, in the same step that reads the topic's
+//! next offset `N`, so every record from `N` on reaches the stream live. Records
+//! before `N` that the start position asks for are replayed from the log; live
+//! records for the subscription that arrive meanwhile are held back and delivered
+//! once the replay is done.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchyard_proto as pb;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::{Code, Status, Streaming};
+
+use crate::server::convert;
+use crate::server::hub::{LiveEvent, StreamSink, SubscriptionHub, delivery_bytes};
+use crate::server::status::read_status;
+use crate::storage::{ReadError, ReadLimits, Store, validate_topic_name};
+
+/// Records read from the log per replay step.
+const REPLAY_CHUNK: usize = 1000;
+/// Most deliveries in one response message.
+const MAX_BATCH_DELIVERIES: usize = 1000;
+/// Most bytes of deliveries in one response message.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Limits of one stream.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    pub max_subscriptions: usize,
+}
+
+/// A subscription of this stream.
+#[derive(Debug)]
+struct Subscription {
+    topic: String,
+    shard: u32,
+    /// While history is being replayed: the live deliveries held back, with their
+    /// byte counts.
+    replaying: Option<Vec<(pb::Delivery, usize)>>,
+    /// Kept for delivery filters (they arrive with their own issue).
+    _context: HashMap<String, String>,
+}
+
+/// What a replay task reports.
+#[derive(Debug)]
+enum ReplayEvent {
+    Records { id: u64, records: Vec<pb::Delivery> },
+    Done { id: u64 },
+    Failed { id: u64, error: ReadError },
+}
+
+fn update(id: u64, state: pb::subscription_update::State) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        event: Some(pb::subscribe_response::Event::Update(
+            pb::SubscriptionUpdate {
+                id,
+                state: Some(state),
+            },
+        )),
+    }
+}
+
+fn refusal(id: u64, code: Code, message: String) -> pb::SubscribeResponse {
+    update(
+        id,
+        pb::subscription_update::State::Error(pb::Error {
+            code: code as i32,
+            message,
+        }),
+    )
+}
+
+fn history_lost(id: u64, error: &ReadError) -> Option<pb::SubscribeResponse> {
+    match error {
+        ReadError::HistoryLost {
+            offset,
+            epoch,
+            current_epoch,
+            earliest,
+            next,
+            ..
+        } => Some(update(
+            id,
+            pb::subscription_update::State::HistoryLost(pb::HistoryLost {
+                requested: Some(pb::Position {
+                    offset: *offset,
+                    epoch: *epoch,
+                }),
+                current_epoch: *current_epoch,
+                earliest_offset: *earliest,
+                next_offset: *next,
+            }),
+        )),
+        _ => None,
+    }
+}
+
+/// The state of one Subscribe call.
+struct SubscriberStream {
+    store: Store,
+    hub: Arc<SubscriptionHub>,
+    sink: Arc<StreamSink>,
+    limits: StreamLimits,
+    subscriptions: HashMap<u64, Subscription>,
+    replay_tx: mpsc::Sender<ReplayEvent>,
+    out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    /// Deliveries gathered for the next response, and the hub bytes they release.
+    batch: Vec<pb::Delivery>,
+    batch_bytes: usize,
+    released: usize,
+}
+
+impl Drop for SubscriberStream {
+    fn drop(&mut self) {
+        for (id, subscription) in self.subscriptions.drain() {
+            self.hub
+                .unfollow(subscription.shard, &subscription.topic, self.sink.id(), id);
+        }
+        self.hub.close_stream();
+    }
+}
+
+fn slow_consumer() -> Status {
+    Status::resource_exhausted(
+        "slow consumer: more deliveries were waiting for this stream than its cap allows; \
+         reconnect and resume each subscription from the last position it received",
+    )
+}
+
+/// Why the stream ends.
+enum End {
+    /// The client went away (or cancelled).
+    ClientGone,
+    /// Cut off: the status tells the client what happened.
+    Status(Status),
+}
+
+/// The channels of one Subscribe call.
+#[derive(Debug)]
+pub struct StreamChannels {
+    /// The client's commands.
+    pub inbound: Streaming<pb::SubscribeRequest>,
+    /// Responses to the client.
+    pub out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    /// The status the stream ends with, when it is not the client that ends it.
+    pub final_status: oneshot::Sender<Status>,
+    /// The hub's side of the stream and its live deliveries.
+    pub sink: Arc<StreamSink>,
+    pub live: mpsc::UnboundedReceiver<LiveEvent>,
+    /// Turns true when the server shuts down.
+    pub stopping: watch::Receiver<bool>,
+}
+
+/// Serves one Subscribe call until the client goes away, the stream is cut off or
+/// the server shuts down.
+pub async fn serve(
+    store: Store,
+    hub: Arc<SubscriptionHub>,
+    limits: StreamLimits,
+    channels: StreamChannels,
+) {
+    let StreamChannels {
+        mut inbound,
+        out,
+        final_status,
+        sink,
+        mut live,
+        mut stopping,
+    } = channels;
+    let (replay_tx, mut replay_rx) = mpsc::channel(64);
+    let mut stream = SubscriberStream {
+        store,
+        hub,
+        sink,
+        limits,
+        subscriptions: HashMap::new(),
+        replay_tx,
+        out,
+        batch: Vec::new(),
+        batch_bytes: 0,
+        released: 0,
+    };
+    let mut inbound_open = true;
+    let end = loop {
+        let step = tokio::select! {
+            request = inbound.message(), if inbound_open => match request {
+                Ok(Some(request)) => stream.command(request).await,
+                // The client has nothing more to ask; deliveries go on.
+                Ok(None) => { inbound_open = false; Ok(()) }
+                Err(_) => Err(End::ClientGone),
+            },
+            event = live.recv() => match event {
+                Some(event) => {
+                    let mut result = stream.live(event);
+                    // Gather what else is waiting into the same response.
+                    while result.is_ok() && stream.batch.len() < MAX_BATCH_DELIVERIES && stream.batch_bytes < MAX_BATCH_BYTES {
+                        match live.try_recv() {
+                            Ok(event) => result = stream.live(event),
+                            Err(_) => break,
+                        }
+                    }
+                    result
+                }
+                None => Err(End::ClientGone),
+            },
+            Some(event) = replay_rx.recv() => stream.replay(event).await,
+            _ = stream.out.closed() => Err(End::ClientGone),
+            () = crate::server::stopped(&mut stopping) => Err(End::Status(Status::unavailable(
+                "the broker is shutting down; reconnect (to it or another broker) and resume each \
+                 subscription from the last position it received",
+            ))),
+        };
+        if let Err(end) = step {
+            break end;
+        }
+        if let Err(end) = stream.flush().await {
+            break end;
+        }
+    };
+    if let End::Status(status) = end {
+        // Not through `out`, which may be full: the response stream merges this in.
+        let _ = final_status.send(status);
+    }
+}
+
+impl SubscriberStream {
+    /// Sends a response; gives up if the stream is cut off meanwhile (a client that
+    /// stopped reading must not hold the stream forever).
+    async fn send(&self, response: pb::SubscribeResponse) -> Result<(), End> {
+        tokio::select! {
+            sent = self.out.send(Ok(response)) => sent.map_err(|_| End::ClientGone),
+            () = self.sink.cut_off() => Err(End::Status(slow_consumer())),
+        }
+    }
+
+    /// Sends the gathered deliveries as one response.
+    async fn flush(&mut self) -> Result<(), End> {
+        if !self.batch.is_empty() {
+            let deliveries = std::mem::take(&mut self.batch);
+            self.batch_bytes = 0;
+            self.send(pb::SubscribeResponse {
+                event: Some(pb::subscribe_response::Event::Deliveries(
+                    pb::DeliveryBatch { deliveries },
+                )),
+            })
+            .await?;
+        }
+        self.sink.release(std::mem::take(&mut self.released));
+        Ok(())
+    }
+
+    fn push(&mut self, delivery: pb::Delivery, bytes: usize) {
+        self.batch_bytes += bytes;
+        self.batch.push(delivery);
+    }
+
+    async fn command(&mut self, request: pb::SubscribeRequest) -> Result<(), End> {
+        use pb::subscribe_request::Command;
+        match request.command {
+            Some(Command::Add(subscription)) => self.add(subscription).await,
+            Some(Command::Remove(pb::Unsubscribe { id })) => {
+                if let Some(subscription) = self.subscriptions.remove(&id) {
+                    self.hub
+                        .unfollow(subscription.shard, &subscription.topic, self.sink.id(), id);
+                    if let Some(held) = subscription.replaying {
+                        self.released += held.iter().map(|(_, bytes)| bytes).sum::<usize>();
+                    }
+                    self.send(update(
+                        id,
+                        pb::subscription_update::State::Removed(pb::Removed {}),
+                    ))
+                    .await
+                } else {
+                    self.send(refusal(
+                        id,
+                        Code::NotFound,
+                        format!("no subscription {id} on this stream"),
+                    ))
+                    .await
+                }
+            }
+            Some(Command::UpdateContext(pb::UpdateContext { id, context })) => {
+                match self.subscriptions.get_mut(&id) {
+                    Some(subscription) => {
+                        subscription._context = context;
+                        Ok(())
+                    }
+                    None => {
+                        self.send(refusal(
+                            id,
+                            Code::NotFound,
+                            format!("no subscription {id} on this stream"),
+                        ))
+                        .await
+                    }
+                }
+            }
+            None => Ok(()),
+        }
+    }
+
+    async fn add(&mut self, request: pb::Subscription) -> Result<(), End> {
+        let id = request.id;
+        if self.subscriptions.contains_key(&id) {
+            return self
+                .send(refusal(
+                    id,
+                    Code::AlreadyExists,
+                    format!("subscription id {id} is already in use on this stream"),
+                ))
+                .await;
+        }
+        if self.subscriptions.len() >= self.limits.max_subscriptions {
+            let max = self.limits.max_subscriptions;
+            return self
+                .send(refusal(
+                    id,
+                    Code::ResourceExhausted,
+                    format!("a stream holds at most {max} subscriptions"),
+                ))
+                .await;
+        }
+        if let Err(error) = validate_topic_name(&request.topic) {
+            let message = format!("invalid topic name {:?}: {error}", request.topic);
+            return self.send(refusal(id, Code::InvalidArgument, message)).await;
+        }
+        if !request.filter.is_empty() {
+            let message = format!(
+                "delivery filter {:?}: this broker does not run filters yet",
+                request.filter
+            );
+            return self.send(refusal(id, Code::Unimplemented, message)).await;
+        }
+        use pb::start_position::Start;
+        let start = request
+            .start
+            .and_then(|s| s.start)
+            .unwrap_or(Start::Latest(pb::Latest {}));
+        // Validate, read the topic's state and follow it, in one step on its shard's
+        // thread: no append can fall in between.
+        let topic = request.topic.clone();
+        let hub = self.hub.clone();
+        let sink = self.sink.clone();
+        let joined = self
+            .store
+            .on_shard_of(&request.topic, move |shard| {
+                if let Start::Resume(position) = &start {
+                    shard.validate_position(&topic, position.offset, position.epoch)?;
+                }
+                let info = shard.topic_info(&topic)?;
+                hub.follow(shard.id(), &topic, &sink, id);
+                let (epoch, earliest, next) =
+                    info.map_or((0, 0, 0), |i| (i.epoch, i.earliest_offset, i.next_offset));
+                let from = match start {
+                    Start::Latest(_) => next,
+                    Start::Earliest(_) => earliest,
+                    Start::Resume(position) => position.offset,
+                };
+                Ok::<_, ReadError>((shard.id(), from, next, epoch))
+            })
+            .await;
+        let (shard, from, next, epoch) = match joined {
+            Ok(Ok(joined)) => joined,
+            Ok(Err(error)) | Err(error) => {
+                let response = history_lost(id, &error).unwrap_or_else(|| {
+                    let status = read_status(&error);
+                    refusal(id, status.code(), status.message().to_owned())
+                });
+                return self.send(response).await;
+            }
+        };
+        let replaying = from < next;
+        self.subscriptions.insert(
+            id,
+            Subscription {
+                topic: request.topic.clone(),
+                shard,
+                replaying: replaying.then(Vec::new),
+                _context: request.context,
+            },
+        );
+        if replaying {
+            tokio::spawn(replay(
+                self.store.clone(),
+                request.topic,
+                id,
+                from,
+                next,
+                self.replay_tx.clone(),
+            ));
+        }
+        self.send(update(
+            id,
+            pb::subscription_update::State::Started(pb::Started {
+                next: Some(pb::Position {
+                    offset: from,
+                    epoch,
+                }),
+            }),
+        ))
+        .await
+    }
+
+    /// A live delivery: straight out for subscriptions that are live, held back for
+    /// those still replaying.
+    fn live(&mut self, event: LiveEvent) -> Result<(), End> {
+        let (mut delivery, bytes) = match event {
+            LiveEvent::Delivery(delivery, bytes) => (delivery, bytes),
+            LiveEvent::CutOff { pending_bytes } => {
+                tracing::debug!(
+                    stream = self.sink.id(),
+                    pending_bytes,
+                    "ending a cut-off stream"
+                );
+                return Err(End::Status(slow_consumer()));
+            }
+        };
+        let ids = std::mem::take(&mut delivery.subscription_ids);
+        let mut live_ids = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.subscriptions.get_mut(&id) {
+                Some(Subscription {
+                    replaying: Some(held),
+                    ..
+                }) => {
+                    let mut copy = delivery.clone();
+                    copy.subscription_ids = vec![id];
+                    let copy_bytes = delivery_bytes(&copy);
+                    if !self.sink.hold(copy_bytes) {
+                        return Err(End::Status(slow_consumer()));
+                    }
+                    held.push((copy, copy_bytes));
+                }
+                Some(_) => live_ids.push(id),
+                // Removed while the record was on its way.
+                None => {}
+            }
+        }
+        self.released += bytes;
+        if !live_ids.is_empty() {
+            delivery.subscription_ids = live_ids;
+            self.push(delivery, bytes);
+        }
+        Ok(())
+    }
+
+    async fn replay(&mut self, event: ReplayEvent) -> Result<(), End> {
+        match event {
+            ReplayEvent::Records { id, records } => {
+                if self.subscriptions.contains_key(&id) {
+                    for delivery in records {
+                        let bytes = delivery_bytes(&delivery);
+                        self.push(delivery, bytes);
+                    }
+                }
+                Ok(())
+            }
+            ReplayEvent::Done { id } => {
+                if let Some(subscription) = self.subscriptions.get_mut(&id)
+                    && let Some(held) = subscription.replaying.take()
+                {
+                    for (delivery, bytes) in held {
+                        self.released += bytes;
+                        self.push(delivery, bytes);
+                    }
+                }
+                Ok(())
+            }
+            ReplayEvent::Failed { id, error } => {
+                if let Some(subscription) = self.subscriptions.remove(&id) {
+                    self.hub
+                        .unfollow(subscription.shard, &subscription.topic, self.sink.id(), id);
+                    if let Some(held) = subscription.replaying {
+                        self.released += held.iter().map(|(_, bytes)| bytes).sum::<usize>();
+                    }
+                    let response = history_lost(id, &error).unwrap_or_else(|| {
+                        let status = read_status(&error);
+                        refusal(id, status.code(), status.message().to_owned())
+                    });
+                    self.flush().await?;
+                    self.send(response).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads `topic` from `from` up to (not including) `until` and reports it in chunks.
+async fn replay(
+    store: Store,
+    topic: String,
+    id: u64,
+    mut from: u64,
+    until: u64,
+    events: mpsc::Sender<ReplayEvent>,
+) {
+    while from < until {
+        let limits = ReadLimits {
+            max_records: REPLAY_CHUNK.min((until - from) as usize),
+            max_bytes: MAX_BATCH_BYTES,
+        };
+        match store.read_async(&topic, from, limits).await {
+            Ok(batch) if !batch.records.is_empty() => {
+                from = batch.next_offset;
+                let records = batch
+                    .records
+                    .into_iter()
+                    .map(|r| convert::delivery(r, vec![id]))
+                    .collect();
+                if events
+                    .send(ReplayEvent::Records { id, records })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(_) => break,
+            Err(ReadError::OffsetNotRetained {
+                topic, earliest, ..
+            }) => {
+                // Retention removed what the replay was about to read.
+                let error = ReadError::HistoryLost {
+                    topic,
+                    offset: from,
+                    epoch: 0,
+                    current_epoch: 0,
+                    earliest,
+                    next: until,
+                };
+                let _ = events.send(ReplayEvent::Failed { id, error }).await;
+                return;
+            }
+            Err(error) => {
+                let _ = events.send(ReplayEvent::Failed { id, error }).await;
+                return;
+            }
+        }
+    }
+    let _ = events.send(ReplayEvent::Done { id }).await;
+}

@@ -1,0 +1,12 @@
+//! A hook for what is appended: the live tail that subscriptions follow.
+
+use crate::storage::record::NewRecord;
+use crate::storage::shard::Appended;
+
+/// Told of every append, on the shard's writer thread, right after the records are
+/// in the log and before the append is acknowledged: calls for one shard come in log
+/// order, so an observer sees each topic's records in offset order. It must not
+/// block: it runs on the append path.
+pub trait AppendObserver: std::fmt::Debug + Send + Sync + 'static {
+    fn appended(&self, shard: u32, records: &[NewRecord], appended: &[Appended], timestamp_ms: u64);
+}
