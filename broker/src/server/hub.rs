@@ -133,7 +133,7 @@ pub struct SubscriptionHub {
     next_stream: AtomicU64,
     max_pending_bytes: usize,
     max_streams: usize,
-    stats: HubStats,
+    stats: Arc<HubStats>,
 }
 
 impl SubscriptionHub {
@@ -145,11 +145,11 @@ impl SubscriptionHub {
             next_stream: AtomicU64::new(1),
             max_pending_bytes,
             max_streams,
-            stats: HubStats::default(),
+            stats: Arc::new(HubStats::default()),
         }
     }
 
-    pub fn stats(&self) -> &HubStats {
+    pub fn stats(&self) -> &Arc<HubStats> {
         &self.stats
     }
 

@@ -4,12 +4,14 @@
 //! - [`service`]: the service's handlers and the server's limits.
 //! - [`hub`]: which streams follow which topics; the live tail (the store's append
 //!   observer), metered per stream.
+//! - [`metrics`]: the Prometheus `/metrics` and `/health` endpoint.
 //! - [`subscribe`]: one subscriber stream: replay joined to the live tail, batching.
 //! - [`convert`]: wire types ↔ storage types (the only place `pb::` meets storage).
 //! - [`status`]: storage errors → gRPC statuses.
 
 pub mod convert;
 pub mod hub;
+pub mod metrics;
 pub mod service;
 pub mod status;
 pub mod subscribe;
@@ -49,22 +51,34 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves the broker API on `listener` until `shutdown` completes, then stops taking
-/// requests, ends subscriber and publish streams (subscribers get UNAVAILABLE and
-/// resume from their last positions) and lets unary calls in progress finish. The store is not closed: the caller
-/// owns it.
+/// Serves the broker API on `listener` (and, when given, Prometheus metrics on
+/// `metrics`) until `shutdown` completes; then stops taking requests, ends subscriber
+/// and publish streams (subscribers get UNAVAILABLE and resume from their last
+/// positions) and lets unary calls in progress finish. The store is not closed: the
+/// caller owns it.
 pub async fn run(
     listener: TcpListener,
+    metrics: Option<TcpListener>,
     store: Store,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let address = listener.local_addr().ok();
     tracing::info!(?address, "serving gRPC");
-    let service = BrokerService::new(store, config)?;
-    // Long-lived streams end when shutdown begins (subscribers are told to resume
-    // elsewhere or later); otherwise the graceful stop would wait for them forever.
+    let service = BrokerService::new(store.clone(), config)?;
+    // Long-lived streams end when shutdown begins; otherwise the graceful stop would
+    // wait for them forever.
     let stopping = service.stopping_sender();
+    let metrics_task = metrics.map(|listener| {
+        let source = metrics::MetricsSource {
+            store,
+            hub: service.hub_stats(),
+        };
+        let mut stop = stopping.subscribe();
+        tokio::spawn(async move {
+            metrics::serve(listener, source, async move { stopped(&mut stop).await }).await
+        })
+    });
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: ending streams");
@@ -73,9 +87,13 @@ pub async fn run(
     let service = BrokerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .await;
+    if let Some(task) = metrics_task {
+        let _ = task.await;
+    }
+    served?;
     Ok(())
 }

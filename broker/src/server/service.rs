@@ -85,8 +85,8 @@ impl BrokerService {
     }
 
     /// Counters of the subscriptions.
-    pub fn hub_stats(&self) -> &HubStats {
-        self.hub.stats()
+    pub fn hub_stats(&self) -> Arc<HubStats> {
+        self.hub.stats().clone()
     }
 }
 

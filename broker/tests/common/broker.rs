@@ -35,7 +35,7 @@ impl Broker {
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = store.clone();
         let task = tokio::spawn(async move {
-            server::run(listener, serving, config, async {
+            server::run(listener, None, serving, config, async {
                 let _ = stopped.await;
             })
             .await

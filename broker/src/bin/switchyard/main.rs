@@ -1,0 +1,68 @@
+//! `switchyard`: run a broker, or talk to one from the command line.
+//!
+//! `main` parses the command line, sets up logging and hands over to `serve` (the
+//! broker) or `client` (pub, sub, fetch, topic info).
+
+mod client;
+mod serve;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Switchyard: a message broker for the real-time gateway of a chat platform.
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a broker: data in a local directory, gRPC and metrics on loopback by
+    /// default. Stops cleanly on ctrl-c or SIGTERM (everything synced).
+    Serve(serve::ServeArgs),
+    /// Publish records to a topic: the PAYLOAD arguments, or else one record per line
+    /// of standard input.
+    Pub(client::PubArgs),
+    /// Subscribe to topics and print each delivery on a line:
+    /// `TOPIC OFFSET EPOCH [KEY=VALUE ...] PAYLOAD`.
+    Sub(client::SubArgs),
+    /// Print a range of a topic's history, one record per line (as `sub`).
+    Fetch(client::FetchArgs),
+    /// Inspect topics.
+    Topic {
+        #[command(subcommand)]
+        command: client::TopicCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| match cli.command {
+            Command::Serve(args) => runtime.block_on(serve::run(args)),
+            Command::Pub(args) => runtime.block_on(client::publish(args)),
+            Command::Sub(args) => runtime.block_on(client::subscribe(args)),
+            Command::Fetch(args) => runtime.block_on(client::fetch(args)),
+            Command::Topic { command } => runtime.block_on(client::topic(command)),
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The `switchyard` binary as a separate process: killed with SIGKILL under load,
+//! restarted, and every acknowledged record delivered once, in order.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::broker::{publish, record};
+use switchyard_proto as pb;
+use switchyard_proto::broker_client::BrokerClient;
+use tonic::transport::Channel;
+
+/// A running `switchyard serve` and its gRPC address.
+struct Process {
+    child: Child,
+    address: String,
+}
+
+impl Process {
+    /// Starts the broker on a free loopback port and waits for its "listening" line.
+    fn start(data_dir: &Path) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "off",
+                "--fsync",
+                "always",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = lines.next().expect("the broker printed nothing").unwrap();
+        let address = line
+            .strip_prefix("switchyard listening on ")
+            .and_then(|rest| rest.split(' ').next())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Process { child, address }
+    }
+
+    async fn client(&self) -> BrokerClient<Channel> {
+        BrokerClient::connect(format!("http://{}", self.address))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_durable_load_loses_no_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Process::start(dir.path());
+    let mut producers = Vec::new();
+    for producer in 0..4u32 {
+        let mut client = broker.client().await;
+        producers.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let started = Instant::now();
+            // Bounded in count and time; the broker is killed while this runs.
+            for batch in 0..100_000u32 {
+                if started.elapsed() > Duration::from_secs(20) {
+                    break;
+                }
+                let topic = format!("guild.{}", (batch + producer) % 8);
+                let payloads: Vec<String> =
+                    (0..5).map(|i| format!("{producer}-{batch}-{i}")).collect();
+                let records = payloads.iter().map(|p| record(&topic, p)).collect();
+                match client
+                    .publish(publish(0, records, pb::AckLevel::Durable))
+                    .await
+                {
+                    Ok(response) => {
+                        for (position, payload) in
+                            response.into_inner().positions.iter().zip(payloads)
+                        {
+                            acked.push((topic.clone(), position.offset, payload));
+                        }
+                    }
+                    Err(_) => break, // the broker is gone
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    broker.child.kill().unwrap(); // SIGKILL
+    broker.child.wait().unwrap();
+    let mut acked = Vec::new();
+    for producer in producers {
+        acked.extend(producer.await.unwrap());
+    }
+    assert!(
+        acked.len() > 100,
+        "only {} records were acknowledged",
+        acked.len()
+    );
+
+    let broker = Process::start(dir.path());
+    let mut client = broker.client().await;
+    for topic in 0..8 {
+        let topic = format!("guild.{topic}");
+        let expected: Vec<&(String, u64, String)> = acked.iter().filter(|a| a.0 == topic).collect();
+        let Some(highest) = expected.iter().map(|a| a.1).max() else {
+            continue;
+        };
+        // Everything from the start, through Subscribe, until the highest acknowledged offset.
+        let add = pb::SubscribeRequest {
+            command: Some(pb::subscribe_request::Command::Add(pb::Subscription {
+                id: 1,
+                topic: topic.clone(),
+                start: Some(pb::StartPosition {
+                    start: Some(pb::start_position::Start::Earliest(pb::Earliest {})),
+                }),
+                filter: String::new(),
+                context: Default::default(),
+            })),
+        };
+        let requests =
+            tokio_stream::StreamExt::chain(tokio_stream::iter(vec![add]), tokio_stream::pending());
+        let mut responses = client.subscribe(requests).await.unwrap().into_inner();
+        let mut delivered: Vec<pb::Delivery> = Vec::new();
+        while delivered.last().is_none_or(|d| d.offset < highest) {
+            let response = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .expect("deliveries within 10 s")
+                .unwrap()
+                .unwrap();
+            if let Some(pb::subscribe_response::Event::Deliveries(batch)) = response.event {
+                delivered.extend(batch.deliveries);
+            }
+        }
+        // Once each, in order, from offset 0.
+        assert!(
+            delivered
+                .iter()
+                .enumerate()
+                .all(|(i, d)| d.offset == i as u64),
+            "{topic}"
+        );
+        for (_, offset, payload) in expected {
+            assert_eq!(
+                delivered[*offset as usize].payload,
+                payload.as_bytes(),
+                "{topic} offset {offset}"
+            );
+        }
+    }
+}
