@@ -50,6 +50,10 @@ impl Broker {
         }
     }
 
+    pub fn store_handle(&self) -> &Store {
+        &self.store
+    }
+
     pub async fn client(&self) -> BrokerClient<Channel> {
         BrokerClient::connect(format!("http://{}", self.address))
             .await

@@ -192,9 +192,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
             command: Some(pb::subscribe_request::Command::Add(pb::Subscription {
                 id: id as u64,
                 topic: topic.clone(),
-                start: Some(pb::StartPosition {
-                    start: Some(start),
-                }),
+                start: Some(pb::StartPosition { start: Some(start) }),
                 filter: String::new(),
                 context: Default::default(),
             })),
