@@ -778,6 +778,10 @@ impl Shard {
         if offset < current.earliest_offset {
             return lost(info);
         }
+        // Nothing seen yet (offset 0, still retained): nothing can have been lost.
+        if offset == 0 {
+            return Ok(());
+        }
         // The record the reader saw last, or (when it aged out) the first it will see.
         let check = if offset > current.earliest_offset {
             offset - 1

@@ -1,0 +1,453 @@
+//! The producer: records are queued, gathered into batches (by count, bytes and a
+//! linger time), and sent pipelined on one `PublishStream`; each record's position
+//! comes back through the future [`Producer::send`] returns.
+//!
+//! Retries: a batch refused with a retryable code (`UNAVAILABLE`,
+//! `RESOURCE_EXHAUSTED`, …) is sent again after a backoff, and when the stream
+//! breaks, every batch still waiting for its answer is sent again, in order, on a
+//! new stream. A batch the broker wrote before the stream broke can so be written
+//! twice (at-least-once), and a batch retried after a refusal can land after batches
+//! sent later; with `max_in_flight = 1` order is kept whatever happens.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchyard_proto as pb;
+use switchyard_proto::broker_client::BrokerClient;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use crate::error::{ClientError, is_retryable_code};
+use crate::subscriber::Position;
+
+/// A record to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+}
+
+impl Record {
+    pub fn new(topic: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+        Record {
+            topic: topic.into(),
+            headers: Vec::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// Adds a header (e.g. `type`, `channel_id`).
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((key.into(), value.into()));
+        self
+    }
+
+    fn size(&self) -> usize {
+        self.topic.len()
+            + self.payload.len()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+    }
+
+    fn into_proto(self) -> pb::PublishRecord {
+        pb::PublishRecord {
+            topic: self.topic,
+            headers: self
+                .headers
+                .into_iter()
+                .map(|(key, value)| pb::Header { key, value })
+                .collect(),
+            payload: self.payload,
+        }
+    }
+}
+
+/// When the broker acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ack {
+    /// In the broker's log (survives a broker crash, not a machine crash).
+    #[default]
+    Written,
+    /// Synced to disk.
+    Durable,
+}
+
+/// How the producer batches and retries.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Records per batch at most.
+    pub max_batch_records: usize,
+    /// Bytes of records per batch at most (the broker takes up to 16 MiB).
+    pub max_batch_bytes: usize,
+    /// How long the first record of a batch may wait for company.
+    pub linger: Duration,
+    pub ack: Ack,
+    /// Batches sent and not yet answered, at most.
+    pub max_in_flight: usize,
+    /// Attempts at a batch beyond the first before its records fail.
+    pub max_retries: u32,
+    /// Wait before the first retry; doubles up to two seconds.
+    pub retry_backoff: Duration,
+    /// Records queued before [`Producer::send`] waits (back-pressure).
+    pub queue_records: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            max_batch_records: 1000,
+            max_batch_bytes: 1 << 20,
+            linger: Duration::from_millis(1),
+            ack: Ack::Written,
+            max_in_flight: 64,
+            max_retries: 10,
+            retry_backoff: Duration::from_millis(50),
+            queue_records: 100_000,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<Position, ClientError>>;
+
+/// A record waiting in the queue.
+struct Queued {
+    record: Record,
+    reply: Reply,
+}
+
+/// A batch sent and not yet answered.
+struct InFlight {
+    request_id: u64,
+    records: Vec<pb::PublishRecord>,
+    replies: Vec<Reply>,
+    attempts: u32,
+}
+
+/// A record's acknowledgement, to await.
+#[derive(Debug)]
+pub struct PendingPosition(oneshot::Receiver<Result<Position, ClientError>>);
+
+impl std::future::Future for PendingPosition {
+    type Output = Result<Position, ClientError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(ClientError::Closed)))
+    }
+}
+
+/// Publishes records in batches. Cheap to clone; clones share the batching task.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    queue: mpsc::Sender<Queued>,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("record", &self.record)
+            .finish()
+    }
+}
+
+impl Producer {
+    /// Connects to the broker at `address` and starts the batching task.
+    pub async fn connect(address: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
+        let client = crate::connect(address).await?;
+        let (queue, records) = mpsc::channel(config.queue_records.max(1));
+        tokio::spawn(Batcher::new(client, config).run(records));
+        Ok(Producer { queue })
+    }
+
+    /// Queues `record` (waiting while the queue is full) and returns its
+    /// acknowledgement to await.
+    ///
+    /// The topic name is checked here, by the broker's rules, so that one bad name
+    /// fails its own record instead of the batch it would have travelled in.
+    pub async fn send(&self, record: Record) -> Result<PendingPosition, ClientError> {
+        check_topic(&record.topic)?;
+        let (reply, receiver) = oneshot::channel();
+        self.queue
+            .send(Queued { record, reply })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        Ok(PendingPosition(receiver))
+    }
+
+    /// Publishes `record` and waits for its position.
+    pub async fn publish(&self, record: Record) -> Result<Position, ClientError> {
+        self.send(record).await?.await
+    }
+}
+
+/// The batching task.
+struct Batcher {
+    client: BrokerClient<Channel>,
+    config: ProducerConfig,
+    /// Requests to the current stream and its answers.
+    stream: Option<(
+        mpsc::Sender<pb::PublishRequest>,
+        Streaming<pb::PublishResponse>,
+    )>,
+    in_flight: VecDeque<InFlight>,
+    next_request: u64,
+}
+
+impl Batcher {
+    fn new(client: BrokerClient<Channel>, config: ProducerConfig) -> Self {
+        Batcher {
+            client,
+            config,
+            stream: None,
+            in_flight: VecDeque::new(),
+            next_request: 1,
+        }
+    }
+
+    async fn run(mut self, mut queue: mpsc::Receiver<Queued>) {
+        let mut batch: Vec<Queued> = Vec::new();
+        let mut batch_bytes = 0;
+        let mut deadline: Option<Instant> = None;
+        let mut queue_open = true;
+        loop {
+            if !queue_open && batch.is_empty() && self.in_flight.is_empty() {
+                return;
+            }
+            let room = self.in_flight.len() < self.config.max_in_flight;
+            let full = batch.len() >= self.config.max_batch_records
+                || batch_bytes >= self.config.max_batch_bytes;
+            if (full || (!queue_open && !batch.is_empty())) && room {
+                self.dispatch(std::mem::take(&mut batch)).await;
+                batch_bytes = 0;
+                deadline = None;
+                continue;
+            }
+            tokio::select! {
+                queued = queue.recv(), if queue_open && room && !full => match queued {
+                    Some(queued) => {
+                        batch_bytes += queued.record.size();
+                        batch.push(queued);
+                        deadline.get_or_insert_with(|| Instant::now() + self.config.linger);
+                    }
+                    None => queue_open = false,
+                },
+                () = sleep_until(deadline), if deadline.is_some() && room => {
+                    self.dispatch(std::mem::take(&mut batch)).await;
+                    batch_bytes = 0;
+                    deadline = None;
+                }
+                answer = next_answer(&mut self.stream), if !self.in_flight.is_empty() => self.answered(answer).await,
+            }
+        }
+    }
+
+    /// Sends a new batch.
+    async fn dispatch(&mut self, batch: Vec<Queued>) {
+        if batch.is_empty() {
+            return;
+        }
+        let (records, replies) = batch
+            .into_iter()
+            .map(|q| (q.record.into_proto(), q.reply))
+            .unzip();
+        let request_id = self.next_request;
+        self.next_request += 1;
+        self.in_flight.push_back(InFlight {
+            request_id,
+            records,
+            replies,
+            attempts: 0,
+        });
+        let index = self.in_flight.len() - 1;
+        if self.send(index).await.is_err() {
+            self.reconnect().await;
+        }
+    }
+
+    fn request(&self, index: usize) -> pb::PublishRequest {
+        let batch = &self.in_flight[index];
+        let ack = match self.config.ack {
+            Ack::Written => pb::AckLevel::Written,
+            Ack::Durable => pb::AckLevel::Durable,
+        };
+        pb::PublishRequest {
+            request_id: batch.request_id,
+            records: batch.records.clone(),
+            ack: ack as i32,
+        }
+    }
+
+    /// Sends in-flight batch `index` on the current stream (opening one if needed).
+    async fn send(&mut self, index: usize) -> Result<(), ClientError> {
+        if self.stream.is_none() {
+            let (requests, receiver) = mpsc::channel(self.config.max_in_flight.max(1) * 2);
+            let responses = self
+                .client
+                .publish_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                .await?
+                .into_inner();
+            self.stream = Some((requests, responses));
+        }
+        let request = self.request(index);
+        let (requests, _) = self.stream.as_ref().expect("opened above");
+        requests
+            .send(request)
+            .await
+            .map_err(|_| ClientError::Unreachable("publish stream closed".into()))
+    }
+
+    /// The stream broke: open a new one and send every unanswered batch again, in
+    /// order, with backoff; batches out of attempts fail.
+    async fn reconnect(&mut self) {
+        self.stream = None;
+        let mut backoff = self.config.retry_backoff;
+        loop {
+            for batch in &mut self.in_flight {
+                batch.attempts += 1;
+            }
+            while self
+                .in_flight
+                .front()
+                .is_some_and(|b| b.attempts > self.config.max_retries)
+            {
+                let batch = self.in_flight.pop_front().expect("checked");
+                fail(
+                    batch.replies,
+                    ClientError::Unreachable("gave up after retries".into()),
+                );
+            }
+            if self.in_flight.is_empty() {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+            let mut sent = Ok(());
+            for index in 0..self.in_flight.len() {
+                sent = self.send(index).await;
+                if sent.is_err() {
+                    break;
+                }
+            }
+            match sent {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::debug!(%error, "reconnecting the publish stream failed");
+                    self.stream = None;
+                }
+            }
+        }
+    }
+
+    async fn answered(&mut self, answer: Option<Result<pb::PublishResponse, tonic::Status>>) {
+        let response = match answer {
+            Some(Ok(response)) => response,
+            Some(Err(status)) => {
+                tracing::debug!(%status, "publish stream broke");
+                return self.reconnect().await;
+            }
+            None => return self.reconnect().await,
+        };
+        let Some(index) = self
+            .in_flight
+            .iter()
+            .position(|b| b.request_id == response.request_id)
+        else {
+            return;
+        };
+        match response.error {
+            None => {
+                let batch = self.in_flight.remove(index).expect("found");
+                for (reply, position) in batch.replies.into_iter().zip(response.positions) {
+                    let _ = reply.send(Ok(Position {
+                        offset: position.offset,
+                        epoch: position.epoch,
+                    }));
+                }
+            }
+            Some(error) => {
+                let code = tonic::Code::from_i32(error.code);
+                let batch = &mut self.in_flight[index];
+                batch.attempts += 1;
+                if is_retryable_code(code) && batch.attempts <= self.config.max_retries {
+                    let wait = self.config.retry_backoff * 2u32.saturating_pow(batch.attempts - 1);
+                    tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
+                    let retry_id = self.next_request;
+                    self.next_request += 1;
+                    self.in_flight[index].request_id = retry_id;
+                    if self.send(index).await.is_err() {
+                        self.reconnect().await;
+                    }
+                } else {
+                    let batch = self.in_flight.remove(index).expect("found");
+                    fail(
+                        batch.replies,
+                        ClientError::Refused {
+                            code,
+                            message: error.message,
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The broker's topic name rules (docs/storage-format.md): 1 to 255 bytes of ASCII
+/// letters, digits and `.` `_` `-` `:`, with no empty dot-separated segment.
+fn check_topic(topic: &str) -> Result<(), ClientError> {
+    let valid = !topic.is_empty()
+        && topic.len() <= 255
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+        && !topic.starts_with('.')
+        && !topic.ends_with('.')
+        && !topic.contains("..");
+    if valid {
+        Ok(())
+    } else {
+        Err(ClientError::Refused {
+            code: tonic::Code::InvalidArgument,
+            message: format!(
+                "invalid topic name {topic:?}: 1 to 255 bytes of ASCII letters, digits and . _ - :, \
+                 with no empty dot-separated segment"
+            ),
+        })
+    }
+}
+
+fn fail(replies: Vec<Reply>, error: ClientError) {
+    for reply in replies {
+        let _ = reply.send(Err(error.clone()));
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_answer(
+    stream: &mut Option<(
+        mpsc::Sender<pb::PublishRequest>,
+        Streaming<pb::PublishResponse>,
+    )>,
+) -> Option<Result<pb::PublishResponse, tonic::Status>> {
+    match stream {
+        Some((_, responses)) => responses.message().await.transpose(),
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,423 @@
+//! The subscriber: many subscriptions on one `Subscribe` stream, all handled by one
+//! dispatcher task that keeps a small table entry per subscription (topic, start,
+//! last position) — an edge holds hundreds of thousands of them, so there is no task
+//! or channel per subscription. Events reach the application through one channel,
+//! in the order the broker sent them.
+//!
+//! When the stream breaks (the broker restarted, shut down, or cut the stream off as
+//! a slow consumer), the dispatcher reconnects with backoff and adds every
+//! subscription again from the position after the last record it delivered: nothing
+//! is lost and nothing repeats. If that history is gone, the subscription ends with
+//! [`SubscriberEvent::HistoryLost`].
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use switchyard_proto as pb;
+use switchyard_proto::broker_client::BrokerClient;
+use tokio::sync::mpsc;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use crate::error::ClientError;
+
+/// Where a record is, or (to resume) the next offset wanted and the epoch of the last
+/// record seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Position {
+    pub offset: u64,
+    pub epoch: u64,
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With the next record published.
+    Latest,
+    /// With the oldest record retained.
+    Earliest,
+    /// Exactly at a position saved earlier.
+    At(Position),
+}
+
+/// A delivered record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub topic: String,
+    pub offset: u64,
+    pub epoch: u64,
+    pub timestamp_ms: u64,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    /// The subscriptions (of this subscriber) the record is for.
+    pub subscription_ids: Vec<u64>,
+}
+
+impl Delivery {
+    /// The position to resume from after this record.
+    pub fn next_position(&self) -> Position {
+        Position {
+            offset: self.offset + 1,
+            epoch: self.epoch,
+        }
+    }
+}
+
+/// What the subscriber tells the application.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubscriberEvent {
+    Delivery(Delivery),
+    /// A subscription is live; its first record will be at `next`.
+    Started {
+        id: u64,
+        next: Position,
+    },
+    /// A subscription ended: the history it needs is gone. The topic is at
+    /// `current_epoch`, holding offsets `earliest_offset..next_offset`.
+    HistoryLost {
+        id: u64,
+        current_epoch: u64,
+        earliest_offset: u64,
+        next_offset: u64,
+    },
+    /// The broker refused a subscription (or a change to it); it is gone.
+    Refused {
+        id: u64,
+        error: ClientError,
+    },
+    /// A subscription was removed as asked.
+    Removed {
+        id: u64,
+    },
+    /// The stream broke; the subscriber is reconnecting.
+    Disconnected {
+        error: ClientError,
+    },
+    /// The stream is back and every subscription was added again.
+    Reconnected,
+}
+
+enum Command {
+    Add {
+        id: u64,
+        topic: String,
+        start: Start,
+    },
+    Remove {
+        id: u64,
+    },
+    UpdateContext {
+        id: u64,
+        context: HashMap<String, String>,
+    },
+}
+
+/// A subscription as the dispatcher knows it.
+struct Entry {
+    topic: String,
+    start: Start,
+    context: HashMap<String, String>,
+    /// Where to resume: after the last record delivered (or the live start).
+    resume: Option<Position>,
+}
+
+/// Events buffered for the application; when it lags, the dispatcher waits, the
+/// broker's buffer for the stream fills, and past its cap the broker cuts the stream
+/// off — the dispatcher then reconnects and resumes.
+const EVENT_BUFFER: usize = 1024;
+
+/// Subscriptions on one broker stream.
+#[derive(Debug)]
+pub struct Subscriber {
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::Receiver<SubscriberEvent>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Command")
+    }
+}
+
+impl Subscriber {
+    /// Connects to the broker at `address` and starts the dispatcher.
+    pub async fn connect(address: &str) -> Result<Subscriber, ClientError> {
+        let client = crate::connect(address).await?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::channel(EVENT_BUFFER);
+        let dispatcher = Dispatcher {
+            client,
+            entries: HashMap::new(),
+            events: event_tx,
+            stream: None,
+        };
+        tokio::spawn(dispatcher.run(command_rx));
+        Ok(Subscriber { commands, events })
+    }
+
+    /// Adds subscription `id` (chosen by the caller, unique on this subscriber) to
+    /// `topic` from `start`. The broker answers with [`SubscriberEvent::Started`] or a
+    /// refusal.
+    pub async fn subscribe(
+        &self,
+        id: u64,
+        topic: impl Into<String>,
+        start: Start,
+    ) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Add {
+                id,
+                topic: topic.into(),
+                start,
+            })
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Removes subscription `id`.
+    pub async fn unsubscribe(&self, id: u64) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Remove { id })
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Replaces the context a delivery filter sees for subscription `id`.
+    pub async fn update_context(
+        &self,
+        id: u64,
+        context: HashMap<String, String>,
+    ) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::UpdateContext { id, context })
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// The next event; `None` once the subscriber is closed.
+    pub async fn next(&mut self) -> Option<SubscriberEvent> {
+        self.events.recv().await
+    }
+}
+
+type Stream = (
+    mpsc::UnboundedSender<pb::SubscribeRequest>,
+    Streaming<pb::SubscribeResponse>,
+);
+
+/// The one task behind a [`Subscriber`].
+struct Dispatcher {
+    client: BrokerClient<Channel>,
+    entries: HashMap<u64, Entry>,
+    events: mpsc::Sender<SubscriberEvent>,
+    stream: Option<Stream>,
+}
+
+fn add_request(id: u64, entry: &Entry) -> pb::SubscribeRequest {
+    use pb::start_position::Start as S;
+    let start = match entry.resume.map(Start::At).unwrap_or(entry.start) {
+        Start::Latest => S::Latest(pb::Latest {}),
+        Start::Earliest => S::Earliest(pb::Earliest {}),
+        Start::At(p) => S::Resume(pb::Position {
+            offset: p.offset,
+            epoch: p.epoch,
+        }),
+    };
+    pb::SubscribeRequest {
+        command: Some(pb::subscribe_request::Command::Add(pb::Subscription {
+            id,
+            topic: entry.topic.clone(),
+            start: Some(pb::StartPosition { start: Some(start) }),
+            filter: String::new(),
+            context: entry.context.clone(),
+        })),
+    }
+}
+
+impl Dispatcher {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.stream.is_none() {
+                match self.open().await {
+                    Ok(()) => backoff = Duration::from_millis(50),
+                    Err(error) => {
+                        tracing::debug!(%error, "subscribe stream: connecting failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        if commands.is_closed() || self.events.is_closed() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let (_, responses) = self.stream.as_mut().expect("opened above");
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => return,
+                },
+                response = responses.message() => {
+                    let keep_going = match response {
+                        Ok(Some(response)) => self.response(response).await,
+                        Ok(None) => self.broken(ClientError::Unreachable("the broker ended the stream".into())).await,
+                        Err(status) => self.broken(status.into()).await,
+                    };
+                    if !keep_going {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens a stream and adds every subscription again.
+    async fn open(&mut self) -> Result<(), ClientError> {
+        let (requests, receiver) = mpsc::unbounded_channel();
+        for (id, entry) in &self.entries {
+            let _ = requests.send(add_request(*id, entry));
+        }
+        let responses = self
+            .client
+            .subscribe(tokio_stream::wrappers::UnboundedReceiverStream::new(
+                receiver,
+            ))
+            .await?
+            .into_inner();
+        let reconnect = self.stream.is_none() && !self.entries.is_empty();
+        self.stream = Some((requests, responses));
+        if reconnect {
+            let _ = self.events.send(SubscriberEvent::Reconnected).await;
+        }
+        Ok(())
+    }
+
+    fn send(&self, request: pb::SubscribeRequest) {
+        if let Some((requests, _)) = &self.stream {
+            let _ = requests.send(request);
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Add { id, topic, start } => {
+                let entry = Entry {
+                    topic,
+                    start,
+                    context: HashMap::new(),
+                    resume: None,
+                };
+                self.send(add_request(id, &entry));
+                self.entries.insert(id, entry);
+            }
+            Command::Remove { id } => {
+                self.send(pb::SubscribeRequest {
+                    command: Some(pb::subscribe_request::Command::Remove(pb::Unsubscribe {
+                        id,
+                    })),
+                });
+            }
+            Command::UpdateContext { id, context } => {
+                if let Some(entry) = self.entries.get_mut(&id) {
+                    entry.context = context.clone();
+                }
+                self.send(pb::SubscribeRequest {
+                    command: Some(pb::subscribe_request::Command::UpdateContext(
+                        pb::UpdateContext { id, context },
+                    )),
+                });
+            }
+        }
+    }
+
+    async fn broken(&mut self, error: ClientError) -> bool {
+        tracing::info!(%error, "subscribe stream broke; reconnecting and resuming");
+        self.stream = None;
+        self.events
+            .send(SubscriberEvent::Disconnected { error })
+            .await
+            .is_ok()
+    }
+
+    /// Handles one response; false when the application is gone.
+    async fn response(&mut self, response: pb::SubscribeResponse) -> bool {
+        use pb::subscription_update::State;
+        match response.event {
+            Some(pb::subscribe_response::Event::Deliveries(batch)) => {
+                for d in batch.deliveries {
+                    let delivery = Delivery {
+                        topic: d.topic,
+                        offset: d.offset,
+                        epoch: d.epoch,
+                        timestamp_ms: d.timestamp_ms,
+                        headers: d.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+                        payload: d.payload,
+                        subscription_ids: d.subscription_ids,
+                    };
+                    for id in &delivery.subscription_ids {
+                        if let Some(entry) = self.entries.get_mut(id) {
+                            entry.resume = Some(delivery.next_position());
+                        }
+                    }
+                    if self
+                        .events
+                        .send(SubscriberEvent::Delivery(delivery))
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+                true
+            }
+            Some(pb::subscribe_response::Event::Update(update)) => {
+                let id = update.id;
+                let event = match update.state {
+                    Some(State::Started(started)) => {
+                        let next = started
+                            .next
+                            .map(|p| Position {
+                                offset: p.offset,
+                                epoch: p.epoch,
+                            })
+                            .unwrap_or_default();
+                        // A live start resumes from where it went live, not from "latest
+                        // at the time of the reconnect" (that would skip records).
+                        if let Some(entry) = self.entries.get_mut(&id)
+                            && entry.resume.is_none()
+                            && entry.start == Start::Latest
+                        {
+                            entry.resume = Some(next);
+                        }
+                        SubscriberEvent::Started { id, next }
+                    }
+                    Some(State::HistoryLost(lost)) => {
+                        self.entries.remove(&id);
+                        SubscriberEvent::HistoryLost {
+                            id,
+                            current_epoch: lost.current_epoch,
+                            earliest_offset: lost.earliest_offset,
+                            next_offset: lost.next_offset,
+                        }
+                    }
+                    Some(State::Error(error)) => {
+                        self.entries.remove(&id);
+                        SubscriberEvent::Refused {
+                            id,
+                            error: ClientError::Refused {
+                                code: tonic::Code::from_i32(error.code),
+                                message: error.message,
+                            },
+                        }
+                    }
+                    Some(State::Removed(_)) => {
+                        self.entries.remove(&id);
+                        SubscriberEvent::Removed { id }
+                    }
+                    None => return true,
+                };
+                self.events.send(event).await.is_ok()
+            }
+            None => true,
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The client against a real broker on a loopback port: batching, order, refusals,
+//! reconnect and resume after a broker restart and after a slow-consumer cut-off.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use switchyard_broker::server::{self, ServerConfig};
+use switchyard_broker::storage::{FsyncPolicy, Store, StoreConfig};
+use switchyard_client::{
+    ClientError, Producer, ProducerConfig, Record, Start, Subscriber, SubscriberEvent,
+};
+use tokio::sync::oneshot;
+
+/// A broker serving `data_dir` on `address` (port 0 for any).
+struct Broker {
+    address: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+    store: Store,
+}
+
+impl Broker {
+    async fn start(data_dir: &Path, address: &str, config: ServerConfig) -> Broker {
+        let mut storage = StoreConfig::new(data_dir);
+        storage.shard_count = 4;
+        storage.segment_bytes = 8 << 20;
+        storage.max_batch_bytes = 4 << 20;
+        storage.fsync = FsyncPolicy::Never;
+        let store = Store::open(storage).unwrap();
+        let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let serving = store.clone();
+        let task = tokio::spawn(async move {
+            server::run(listener, None, serving, config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Broker {
+            address,
+            stop,
+            task,
+            store,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+        let store = self.store;
+        tokio::task::spawn_blocking(move || store.close().unwrap())
+            .await
+            .unwrap();
+    }
+}
+
+/// The next delivery, skipping other events, within ten seconds.
+async fn next_delivery(subscriber: &mut Subscriber) -> switchyard_client::Delivery {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+            .await
+            .expect("an event within 10 s")
+            .expect("the subscriber is open");
+        if let SubscriberEvent::Delivery(delivery) = event {
+            return delivery;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_batches_pipelines_and_keeps_per_topic_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;
+    let producer = Producer::connect(&broker.url(), ProducerConfig::default())
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    for i in 0..10_000u32 {
+        let topic = format!("guild.{}", i % 10);
+        pending.push((
+            topic.clone(),
+            i,
+            producer
+                .send(Record::new(topic, i.to_string()))
+                .await
+                .unwrap(),
+        ));
+    }
+    let mut next = [0u64; 10];
+    for (_, i, position) in pending {
+        let position = position.await.unwrap();
+        assert_eq!(position.offset, next[(i % 10) as usize], "record {i}");
+        next[(i % 10) as usize] += 1;
+    }
+    // A bad topic fails its own record only.
+    let bad = producer
+        .send(Record::new("bad topic", "x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            bad,
+            ClientError::Refused {
+                code: tonic::Code::InvalidArgument,
+                ..
+            }
+        ),
+        "{bad}"
+    );
+    assert!(!bad.is_retryable());
+    let good = producer
+        .publish(Record::new("guild.0", "after").header("type", "X"))
+        .await
+        .unwrap();
+    assert_eq!(good.offset, 1000);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_records_are_refused_with_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;
+    let producer = Producer::connect(&broker.url(), ProducerConfig::default())
+        .await
+        .unwrap();
+    let error = producer
+        .publish(Record::new("guild.1", vec![0u8; 2 << 20]))
+        .await
+        .unwrap_err();
+    match error {
+        ClientError::Refused { code, message } => {
+            assert_eq!(code, tonic::Code::InvalidArgument);
+            assert!(message.contains("limit"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_reconnects_and_resumes_after_the_broker_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;
+    let address = broker.address.to_string();
+    let url = broker.url();
+    let producer = Producer::connect(&url, ProducerConfig::default())
+        .await
+        .unwrap();
+    for i in 0..100u32 {
+        producer
+            .send(Record::new("guild.1", i.to_string()))
+            .await
+            .unwrap();
+    }
+    producer
+        .publish(Record::new("guild.1", "100"))
+        .await
+        .unwrap();
+
+    let mut subscriber = Subscriber::connect(&url).await.unwrap();
+    subscriber
+        .subscribe(1, "guild.1", Start::Earliest)
+        .await
+        .unwrap();
+    for offset in 0..=100u64 {
+        assert_eq!(next_delivery(&mut subscriber).await.offset, offset);
+    }
+    // The broker goes away and comes back on the same address and data.
+    broker.stop().await;
+    let broker = Broker::start(dir.path(), &address, ServerConfig::default()).await;
+    let producer = Producer::connect(&url, ProducerConfig::default())
+        .await
+        .unwrap();
+    for i in 101..200u32 {
+        producer
+            .publish(Record::new("guild.1", i.to_string()))
+            .await
+            .unwrap();
+    }
+    // Exactly the records after the last one delivered, once each.
+    for offset in 101..200u64 {
+        let delivery = next_delivery(&mut subscriber).await;
+        assert_eq!(delivery.offset, offset);
+        assert_eq!(delivery.payload, offset.to_string().as_bytes());
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_cut_off_as_slow_resumes_without_losing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        max_pending_bytes_per_stream: 512 << 10,
+        ..ServerConfig::default()
+    };
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", config).await;
+    let mut subscriber = Subscriber::connect(&broker.url()).await.unwrap();
+    subscriber
+        .subscribe(1, "guild.1", Start::Latest)
+        .await
+        .unwrap();
+    assert!(matches!(
+        subscriber.next().await,
+        Some(SubscriberEvent::Started { id: 1, .. })
+    ));
+    // 20 MB published while the application reads nothing.
+    let producer = Producer::connect(&broker.url(), ProducerConfig::default())
+        .await
+        .unwrap();
+    let payload = "y".repeat(4000);
+    let mut last = None;
+    for _ in 0..5000 {
+        last = Some(
+            producer
+                .send(Record::new("guild.1", payload.clone()))
+                .await
+                .unwrap(),
+        );
+    }
+    last.unwrap().await.unwrap();
+    let mut disconnected = false;
+    let mut expected = 0u64;
+    while expected < 5000 {
+        match tokio::time::timeout(Duration::from_secs(10), subscriber.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            SubscriberEvent::Delivery(delivery) => {
+                assert_eq!(delivery.offset, expected, "no gap, no repeat");
+                expected += 1;
+            }
+            SubscriberEvent::Disconnected { error } => {
+                assert!(error.to_string().contains("slow consumer"), "{error}");
+                disconnected = true;
+            }
+            SubscriberEvent::Reconnected | SubscriberEvent::Started { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(disconnected, "the broker should have cut the stream off");
+    assert!(broker.store.stats().records_appended >= 5000);
+    broker.stop().await;
+}
