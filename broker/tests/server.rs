@@ -102,6 +102,35 @@ async fn bad_requests_get_statuses_a_person_can_act_on() {
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
+    // Batch limits: record count, then bytes.
+    let many = (0..10_001).map(|_| record("guild.1", "")).collect();
+    let status = client
+        .publish(publish(4, many, pb::AckLevel::Written))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("10000"), "{}", status.message());
+    let chunk = "x".repeat(60 << 10);
+    let heavy = (0..80).map(|_| record("guild.1", &chunk)).collect();
+    let status = client
+        .publish(publish(5, heavy, pb::AckLevel::Written))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("batch"), "{}", status.message());
+
+    // A header over its limit.
+    let mut with_header = record("guild.1", "x");
+    with_header.headers.push(pb::Header {
+        key: "k".into(),
+        value: "v".repeat(2000),
+    });
+    let status = client
+        .publish(publish(6, vec![with_header], pb::AckLevel::Written))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+
     let status = client
         .fetch(pb::FetchRequest {
             topic: "guild.1".into(),

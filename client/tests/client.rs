@@ -249,3 +249,59 @@ async fn a_subscriber_cut_off_as_slow_resumes_without_losing_anything() {
     assert!(broker.store.stats().records_appended >= 5000);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_producers_each_keep_their_order_and_offsets_have_no_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;
+    let mut tasks = Vec::new();
+    for producer_id in 0..4u32 {
+        let url = broker.url();
+        tasks.push(tokio::spawn(async move {
+            let producer = Producer::connect(&url, ProducerConfig::default())
+                .await
+                .unwrap();
+            let mut pending = Vec::new();
+            for seq in 0..2000u32 {
+                let record =
+                    Record::new(format!("guild.{}", seq % 3), format!("{producer_id}:{seq}"));
+                pending.push(producer.send(record).await.unwrap());
+            }
+            for position in pending {
+                position.await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut subscriber = Subscriber::connect(&broker.url()).await.unwrap();
+    for topic in 0..3u64 {
+        subscriber
+            .subscribe(topic, format!("guild.{topic}"), Start::Earliest)
+            .await
+            .unwrap();
+    }
+    let mut next_offset = [0u64; 3];
+    let mut last_seq = std::collections::HashMap::new();
+    for _ in 0..8000 {
+        let delivery = next_delivery(&mut subscriber).await;
+        let topic: usize = delivery.topic.trim_start_matches("guild.").parse().unwrap();
+        assert_eq!(
+            delivery.offset, next_offset[topic],
+            "gap-free offsets on {}",
+            delivery.topic
+        );
+        next_offset[topic] += 1;
+        let text = String::from_utf8(delivery.payload.to_vec()).unwrap();
+        let (producer, seq) = text.split_once(':').unwrap();
+        let seq: u32 = seq.parse().unwrap();
+        if let Some(previous) = last_seq.insert((producer.to_owned(), topic), seq) {
+            assert!(
+                previous < seq,
+                "producer {producer} on {topic}: {previous} before {seq}"
+            );
+        }
+    }
+    broker.stop().await;
+}
