@@ -162,3 +162,93 @@ async fn sigkill_under_durable_load_loses_no_acknowledged_record() {
         }
     }
 }
+
+/// Runs `switchyard ARGS` against `broker`, with `input` on standard input.
+fn cli(broker: &Process, args: &[&str], input: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .env("SWITCHYARD_BROKER", format!("http://{}", broker.address))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn the_readme_tour_works_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Process::start(dir.path());
+    let (ok, out, _) = cli(
+        &broker,
+        &[
+            "pub",
+            "guild.1",
+            r#"{"content":"hello"}"#,
+            "-H",
+            "type=MESSAGE_CREATE",
+        ],
+        "",
+    );
+    assert!(ok);
+    assert!(
+        out.starts_with("published 1 to guild.1 at offsets 0..=0"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(
+        &broker,
+        &["pub", "user.42", "--durable"],
+        "one\ntwo\nthree\n",
+    );
+    assert!(ok);
+    assert!(
+        out.contains("published 3 to user.42 at offsets 0..=2"),
+        "{out}"
+    );
+
+    let (ok, out, _) = cli(
+        &broker,
+        &[
+            "sub", "guild.1", "user.42", "--from", "earliest", "--count", "4",
+        ],
+        "",
+    );
+    assert!(ok);
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines.len(), 4);
+    assert!(
+        lines[0].starts_with("guild.1 0 ")
+            && lines[0].ends_with(r#"type=MESSAGE_CREATE {"content":"hello"}"#),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[3].starts_with("user.42 2 ") && lines[3].ends_with(" three"),
+        "{}",
+        lines[3]
+    );
+
+    let (ok, out, _) = cli(&broker, &["fetch", "user.42", "--offset", "1"], "");
+    assert!(ok);
+    assert_eq!(out.lines().count(), 2);
+    let (ok, out, _) = cli(&broker, &["topic", "info", "user.42"], "");
+    assert!(ok);
+    assert!(out.contains("offsets 0..3"), "{out}");
+    let (ok, _, err) = cli(&broker, &["pub", "bad topic", "x"], "");
+    assert!(!ok);
+    assert!(err.contains("invalid topic name"), "{err}");
+}

@@ -6,6 +6,7 @@
 //! - [`subscriber`]: [`Subscriber`] — many subscriptions on one stream, one
 //!   dispatcher task for all of them, automatic reconnect that resumes every
 //!   subscription from the last record it delivered.
+//! - [`reader`]: [`Client`] — fetch history, topic info, health.
 //! - [`error`]: the error type, [`ClientError`].
 //!
 //! ```no_run
@@ -31,10 +32,12 @@
 
 pub mod error;
 pub mod producer;
+pub mod reader;
 pub mod subscriber;
 
 pub use error::ClientError;
-pub use producer::{Ack, Producer, ProducerConfig, Record};
+pub use producer::{Ack, PendingPosition, Producer, ProducerConfig, Record};
+pub use reader::{Client, TopicInfo};
 pub use subscriber::{Delivery, Position, Start, Subscriber, SubscriberEvent};
 pub use switchyard_proto as proto;
 

@@ -64,6 +64,18 @@ impl Delivery {
     }
 }
 
+pub(crate) fn delivery_from_proto(d: pb::Delivery) -> Delivery {
+    Delivery {
+        topic: d.topic,
+        offset: d.offset,
+        epoch: d.epoch,
+        timestamp_ms: d.timestamp_ms,
+        headers: d.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+        payload: d.payload,
+        subscription_ids: d.subscription_ids,
+    }
+}
+
 /// What the subscriber tells the application.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SubscriberEvent {
@@ -344,15 +356,7 @@ impl Dispatcher {
         match response.event {
             Some(pb::subscribe_response::Event::Deliveries(batch)) => {
                 for d in batch.deliveries {
-                    let delivery = Delivery {
-                        topic: d.topic,
-                        offset: d.offset,
-                        epoch: d.epoch,
-                        timestamp_ms: d.timestamp_ms,
-                        headers: d.headers.into_iter().map(|h| (h.key, h.value)).collect(),
-                        payload: d.payload,
-                        subscription_ids: d.subscription_ids,
-                    };
+                    let delivery = delivery_from_proto(d);
                     for id in &delivery.subscription_ids {
                         if let Some(entry) = self.entries.get_mut(id) {
                             entry.resume = Some(delivery.next_position());

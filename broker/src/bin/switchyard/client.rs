@@ -1,14 +1,14 @@
-//! The command-line client: `pub`, `sub`, `fetch`, `topic info`.
+//! The command-line client: `pub`, `sub`, `fetch`, `topic info`, on the
+//! `switchyard-client` library (the producer batches and pipelines; the subscriber
+//! reconnects and resumes by itself).
 
 use std::io::{BufRead, Write};
 
 use anyhow::{Context, bail};
-use switchyard_proto as pb;
-use switchyard_proto::broker_client::BrokerClient;
-use tonic::transport::Channel;
-
-/// Records per publish request when reading standard input.
-const STDIN_BATCH: usize = 1000;
+use switchyard_client::{
+    Ack, Client, Delivery, Position, Producer, ProducerConfig, Record, Start, Subscriber,
+    SubscriberEvent,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct BrokerArg {
@@ -19,22 +19,6 @@ pub struct BrokerArg {
         default_value = "http://127.0.0.1:7400"
     )]
     broker: String,
-}
-
-impl BrokerArg {
-    async fn connect(&self) -> anyhow::Result<BrokerClient<Channel>> {
-        let client = BrokerClient::connect(self.broker.clone())
-            .await
-            .with_context(|| {
-                format!(
-                    "connecting to the broker at {} (is `switchyard serve` running?)",
-                    self.broker
-                )
-            })?;
-        Ok(client
-            .max_decoding_message_size(switchyard_broker::server::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(switchyard_broker::server::MAX_MESSAGE_BYTES))
-    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -91,81 +75,76 @@ pub enum TopicCommand {
     },
 }
 
-fn parse_headers(headers: &[String]) -> anyhow::Result<Vec<pb::Header>> {
+fn parse_headers(headers: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     headers
         .iter()
         .map(|h| match h.split_once('=') {
-            Some((key, value)) => Ok(pb::Header {
-                key: key.to_owned(),
-                value: value.to_owned(),
-            }),
+            Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
             None => bail!("header {h:?} must be KEY=VALUE"),
         })
         .collect()
 }
 
-fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+fn connect_hint(broker: &str) -> String {
+    format!("connecting to the broker at {broker} (is `switchyard serve` running?)")
 }
 
 pub async fn publish(args: PubArgs) -> anyhow::Result<()> {
     let headers = parse_headers(&args.headers)?;
-    let mut client = args.broker.connect().await?;
-    let ack = if args.durable {
-        pb::AckLevel::Durable
-    } else {
-        pb::AckLevel::Written
+    let config = ProducerConfig {
+        ack: if args.durable {
+            Ack::Durable
+        } else {
+            Ack::Written
+        },
+        ..ProducerConfig::default()
     };
-    let make = |payload: String| pb::PublishRecord {
-        topic: args.topic.clone(),
-        headers: headers.clone(),
-        payload: payload.into(),
+    let producer = Producer::connect(&args.broker.broker, config)
+        .await
+        .with_context(|| connect_hint(&args.broker.broker))?;
+    let make = |payload: String| {
+        let mut record = Record::new(args.topic.clone(), payload);
+        record.headers = headers.clone();
+        record
     };
-    let mut send = async |records: Vec<pb::PublishRecord>| -> anyhow::Result<()> {
-        let count = records.len();
-        let response = client
-            .publish(pb::PublishRequest {
-                request_id: 0,
-                records,
-                ack: ack as i32,
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        if let (Some(first), Some(last)) = (response.positions.first(), response.positions.last()) {
-            println!(
-                "published {count} to {} at offsets {}..={} (epoch {})",
-                args.topic, first.offset, last.offset, last.epoch
+    let mut pending = Vec::new();
+    if args.payloads.is_empty() {
+        for line in std::io::stdin().lock().lines() {
+            pending.push(
+                producer
+                    .send(make(line.context("reading standard input")?))
+                    .await?,
             );
         }
-        Ok(())
-    };
-    if !args.payloads.is_empty() {
-        return send(args.payloads.iter().cloned().map(make).collect()).await;
-    }
-    let mut batch = Vec::new();
-    for line in std::io::stdin().lock().lines() {
-        batch.push(make(line.context("reading standard input")?));
-        if batch.len() == STDIN_BATCH {
-            send(std::mem::take(&mut batch)).await?;
+    } else {
+        for payload in &args.payloads {
+            pending.push(producer.send(make(payload.clone())).await?);
         }
     }
-    if !batch.is_empty() {
-        send(batch).await?;
+    let count = pending.len();
+    let mut range: Option<(Position, Position)> = None;
+    for position in pending {
+        let position = position.await?;
+        range = Some(range.map_or((position, position), |(first, _)| (first, position)));
+    }
+    if let Some((first, last)) = range {
+        println!(
+            "published {count} to {} at offsets {}..={} (epoch {})",
+            args.topic, first.offset, last.offset, last.epoch
+        );
     }
     Ok(())
 }
 
-fn start_position(from: &str) -> anyhow::Result<pb::start_position::Start> {
-    use pb::start_position::Start;
+fn start_position(from: &str) -> anyhow::Result<Start> {
     Ok(match from {
-        "latest" => Start::Latest(pb::Latest {}),
-        "earliest" => Start::Earliest(pb::Earliest {}),
+        "latest" => Start::Latest,
+        "earliest" => Start::Earliest,
         position => {
             let Some((offset, epoch)) = position.split_once('@') else {
                 bail!("--from must be latest, earliest or OFFSET@EPOCH, not {position:?}");
             };
-            Start::Resume(pb::Position {
+            Start::At(Position {
                 offset: offset.parse().context("the offset in --from")?,
                 epoch: epoch.parse().context("the epoch in --from")?,
             })
@@ -173,84 +152,69 @@ fn start_position(from: &str) -> anyhow::Result<pb::start_position::Start> {
     })
 }
 
-fn print_record(out: &mut impl Write, record: &pb::Delivery) -> std::io::Result<()> {
+fn print_record(out: &mut impl Write, record: &Delivery) -> std::io::Result<()> {
     write!(out, "{} {} {}", record.topic, record.offset, record.epoch)?;
-    for header in &record.headers {
-        write!(out, " {}={}", header.key, header.value)?;
+    for (key, value) in &record.headers {
+        write!(out, " {key}={value}")?;
     }
     writeln!(out, " {}", String::from_utf8_lossy(&record.payload))
 }
 
 pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     let start = start_position(&args.from)?;
-    let mut client = args.broker.connect().await?;
-    let commands: Vec<pb::SubscribeRequest> = args
-        .topics
-        .iter()
-        .enumerate()
-        .map(|(id, topic)| pb::SubscribeRequest {
-            command: Some(pb::subscribe_request::Command::Add(pb::Subscription {
-                id: id as u64,
-                topic: topic.clone(),
-                start: Some(pb::StartPosition { start: Some(start) }),
-                filter: String::new(),
-                context: Default::default(),
-            })),
-        })
-        .collect();
-    // Keep the request side open: closing it is fine, but there is nothing to add.
-    let requests =
-        tokio_stream::StreamExt::chain(tokio_stream::iter(commands), tokio_stream::pending());
-    let mut responses = client
-        .subscribe(requests)
+    let mut subscriber = Subscriber::connect(&args.broker.broker)
         .await
-        .map_err(status_error)?
-        .into_inner();
+        .with_context(|| connect_hint(&args.broker.broker))?;
+    for (id, topic) in args.topics.iter().enumerate() {
+        subscriber
+            .subscribe(id as u64, topic.clone(), start)
+            .await?;
+    }
     let mut delivered = 0u64;
-    let stdout = std::io::stdout();
-    while let Some(response) = responses.message().await.map_err(status_error)? {
-        match response.event {
-            Some(pb::subscribe_response::Event::Deliveries(batch)) => {
-                let mut out = stdout.lock();
-                for record in &batch.deliveries {
-                    print_record(&mut out, record)?;
-                    delivered += 1;
-                    if args.count.is_some_and(|count| delivered >= count) {
-                        return Ok(());
-                    }
-                }
+    while let Some(event) = subscriber.next().await {
+        match event {
+            SubscriberEvent::Delivery(record) => {
+                let mut out = std::io::stdout().lock();
+                print_record(&mut out, &record)?;
                 out.flush()?;
-            }
-            Some(pb::subscribe_response::Event::Update(update)) => match update.state {
-                Some(pb::subscription_update::State::Started(started)) => {
-                    let next = started.next.unwrap_or_default();
-                    tracing::info!(topic = %args.topics[update.id as usize], offset = next.offset, epoch = next.epoch, "subscribed");
+                delivered += 1;
+                if args.count.is_some_and(|count| delivered >= count) {
+                    return Ok(());
                 }
-                other => bail!(
-                    "subscription to {} ended: {other:?}",
-                    args.topics[update.id as usize]
-                ),
-            },
-            None => {}
+            }
+            SubscriberEvent::Started { id, next } => {
+                tracing::info!(topic = %args.topics[id as usize], offset = next.offset, epoch = next.epoch, "subscribed");
+            }
+            SubscriberEvent::Disconnected { error } => {
+                tracing::warn!(%error, "disconnected; resuming")
+            }
+            SubscriberEvent::Reconnected => tracing::info!("reconnected"),
+            SubscriberEvent::HistoryLost {
+                id,
+                current_epoch,
+                earliest_offset,
+                next_offset,
+            } => bail!(
+                "{}: history lost; the topic is at epoch {current_epoch} with offsets {earliest_offset}..{next_offset} \
+                 (start again with --from earliest or latest)",
+                args.topics[id as usize]
+            ),
+            SubscriberEvent::Refused { id, error } => {
+                bail!("{}: {error}", args.topics[id as usize])
+            }
+            SubscriberEvent::Removed { .. } => {}
         }
     }
     Ok(())
 }
 
 pub async fn fetch(args: FetchArgs) -> anyhow::Result<()> {
-    let mut client = args.broker.connect().await?;
-    let response = client
-        .fetch(pb::FetchRequest {
-            topic: args.topic,
-            offset: args.offset,
-            max_records: args.max,
-            max_bytes: 0,
-        })
+    let client = Client::connect(&args.broker.broker)
         .await
-        .map_err(status_error)?
-        .into_inner();
+        .with_context(|| connect_hint(&args.broker.broker))?;
+    let (records, _) = client.fetch(&args.topic, args.offset, args.max).await?;
     let mut out = std::io::stdout().lock();
-    for record in &response.records {
+    for record in &records {
         print_record(&mut out, record)?;
     }
     Ok(())
@@ -258,25 +222,15 @@ pub async fn fetch(args: FetchArgs) -> anyhow::Result<()> {
 
 pub async fn topic(command: TopicCommand) -> anyhow::Result<()> {
     let TopicCommand::Info { broker, topic } = command;
-    let mut client = broker.connect().await?;
-    let info = client
-        .get_topic_info(pb::TopicInfoRequest {
-            topic: topic.clone(),
-        })
+    let client = Client::connect(&broker.broker)
         .await
-        .map_err(status_error)?
-        .into_inner();
-    if info.exists {
-        println!(
-            "{topic}: epoch {} offsets {}..{} (next {}), latest at {} ms",
-            info.epoch,
-            info.earliest_offset,
-            info.next_offset,
-            info.next_offset,
-            info.latest_timestamp_ms
-        );
-    } else {
-        println!("{topic}: no records");
+        .with_context(|| connect_hint(&broker.broker))?;
+    match client.topic_info(&topic).await? {
+        Some(info) => println!(
+            "{topic}: epoch {} offsets {}..{}, latest at {} ms",
+            info.epoch, info.earliest_offset, info.next_offset, info.latest_timestamp_ms
+        ),
+        None => println!("{topic}: no records"),
     }
     Ok(())
 }
