@@ -252,3 +252,27 @@ fn the_readme_tour_works_from_the_command_line() {
     assert!(!ok);
     assert!(err.contains("invalid topic name"), "{err}");
 }
+
+#[test]
+fn sigterm_stops_the_broker_cleanly_with_everything_synced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Process::start(dir.path());
+    let (ok, _, _) = cli(&broker, &["pub", "guild.1", "kept"], "");
+    assert!(ok);
+    let killed = Command::new("kill")
+        .args(["-TERM", &broker.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = broker.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        dir.path().join("CLEAN").exists(),
+        "a clean stop marks the data directory"
+    );
+    // And the record is there after a restart.
+    let broker = Process::start(dir.path());
+    let (ok, out, _) = cli(&broker, &["fetch", "guild.1"], "");
+    assert!(ok);
+    assert!(out.ends_with(" kept\n"), "{out}");
+}

@@ -213,3 +213,64 @@ async fn pipelined_publishes_are_answered_in_order_and_refusals_do_not_end_the_s
     assert_eq!(got, sent);
     broker.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_endpoint_reports_appends_topics_and_health() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let store = switchyard_broker::storage::Store::open(common::small_config(dir.path())).unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_address, metrics_address) =
+        (grpc.local_addr().unwrap(), metrics.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = store.clone();
+    let server = tokio::spawn(async move {
+        switchyard_broker::server::run(grpc, Some(metrics), serving, Default::default(), async {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    let mut client =
+        switchyard_proto::broker_client::BrokerClient::connect(format!("http://{grpc_address}"))
+            .await
+            .unwrap();
+    client
+        .publish(publish(
+            1,
+            vec![record("guild.1", "a"), record("guild.2", "b")],
+            pb::AckLevel::Durable,
+        ))
+        .await
+        .unwrap();
+    let get = |path: &'static str| async move {
+        let mut socket = tokio::net::TcpStream::connect(metrics_address)
+            .await
+            .unwrap();
+        socket
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        socket.read_to_string(&mut response).await.unwrap();
+        response
+    };
+    let body = get("/metrics").await;
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(
+        body.contains("\nswitchyard_records_appended_total 2\n"),
+        "{body}"
+    );
+    assert!(body.contains("\nswitchyard_topics 2\n"), "{body}");
+    assert!(
+        body.contains("# TYPE switchyard_slow_consumer_cutoffs_total counter"),
+        "{body}"
+    );
+    assert!(body.contains("switchyard_fsync_seconds_total"), "{body}");
+    assert!(get("/health").await.ends_with("SERVING\n"));
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    let _ = stop.send(());
+    server.await.unwrap();
+    store.close().unwrap();
+}

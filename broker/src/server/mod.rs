@@ -42,6 +42,21 @@ pub(crate) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// Accepted connections, with Nagle's algorithm off: deliveries are small writes
+/// that must leave at once (with it on, they wait for the peer's delayed ACK, ~40 ms).
+fn accept(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|socket| {
+            if let Err(error) = socket.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY");
+            }
+        })
+    })
+}
+
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -89,7 +104,7 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let served = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(accept(listener), shutdown)
         .await;
     if let Some(task) = metrics_task {
         let _ = task.await;
