@@ -138,10 +138,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 for _ in 0..3000 {
                     ticks.tick().await;
                     for _ in 0..per_tick {
-                        let _ = producer
-                            .send(Record::new("guild.bench", payload(origin)))
-                            .await
-                            .expect("queued");
+                        // The subscriber measures delivery; acknowledgements are not awaited.
+                        drop(
+                            producer
+                                .send(Record::new("guild.bench", payload(origin)))
+                                .await
+                                .expect("queued"),
+                        );
                     }
                 }
             })
