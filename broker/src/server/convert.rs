@@ -12,6 +12,12 @@ pub fn ack(level: pb::AckLevel) -> Ack {
     }
 }
 
+/// A publish request's records and acknowledgement level.
+pub fn publish_request(request: pb::PublishRequest) -> (Vec<NewRecord>, Ack) {
+    let level = ack(request.ack());
+    (request.records.into_iter().map(new_record).collect(), level)
+}
+
 pub fn new_record(record: pb::PublishRecord) -> NewRecord {
     NewRecord {
         topic: record.topic,

@@ -115,19 +115,15 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let request = request.into_inner();
-        let ack = convert::ack(request.ack());
-        let records = request
-            .records
-            .into_iter()
-            .map(convert::new_record)
-            .collect();
+        let request_id = request.request_id;
+        let (records, ack) = convert::publish_request(request);
         let appended = self
             .store
             .append_async(records, ack)
             .await
             .map_err(|e| append_status(&e))?;
         Ok(Response::new(pb::PublishResponse {
-            request_id: request.request_id,
+            request_id,
             positions: appended.iter().map(convert::position).collect(),
             error: None,
         }))
@@ -161,18 +157,10 @@ impl pb::broker_server::Broker for BrokerService {
                         break;
                     }
                 };
-                let ack = convert::ack(request.ack());
-                let records = request
-                    .records
-                    .into_iter()
-                    .map(convert::new_record)
-                    .collect();
+                let request_id = request.request_id;
+                let (records, ack) = convert::publish_request(request);
                 let pending = store.submit_async(records, ack).await;
-                if pending_tx
-                    .send((request.request_id, pending))
-                    .await
-                    .is_err()
-                {
+                if pending_tx.send((request_id, pending)).await.is_err() {
                     break;
                 }
             }
