@@ -365,3 +365,64 @@ async fn shutdown_ends_open_streams_with_unavailable() {
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("resume"), "{}", status.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_subscription_id_never_gets_records_of_its_old_use() {
+    let broker = Broker::start().await;
+    let mut client = broker.client().await;
+    publish_n(&mut client, "guild.a", 0..3000).await;
+    let mut subscriber = Subscriber::open(&mut client).await;
+    // Id 1 replays guild.a (3,000 records), and is removed and reused for guild.b
+    // before it can have finished.
+    subscriber.add(1, "guild.a", earliest()).await;
+    subscriber.remove(1).await;
+    subscriber.add(1, "guild.b", latest()).await;
+    let mut producer = broker.client().await;
+    publish_n(&mut producer, "guild.a", 3000..3100).await;
+    publish_n(&mut producer, "guild.b", 0..5).await;
+    let mut removed = false;
+    let mut from_b = Vec::new();
+    while from_b.len() < 5 {
+        match subscriber.next().await.unwrap() {
+            Event::Update(update) => removed |= matches!(update.state, Some(State::Removed(_))),
+            Event::Deliveries(batch) => {
+                for delivery in batch.deliveries {
+                    if removed {
+                        assert_eq!(
+                            delivery.topic, "guild.b",
+                            "a record of the id's old use after Removed"
+                        );
+                        from_b.push(delivery.offset);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(from_b, vec![0, 1, 2, 3, 4]);
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_a_subscriber_that_stopped_reading() {
+    let config = ServerConfig {
+        shutdown_grace: Duration::from_secs(1),
+        ..ServerConfig::default()
+    };
+    let broker = Broker::start_with(config).await;
+    let mut client = broker.client().await;
+    let mut stalled = Subscriber::open(&mut broker.client().await).await;
+    stalled.add(1, "guild.1", latest()).await;
+    stalled.update().await;
+    // 4 MB waiting for a subscriber that reads nothing (under its 8 MiB cap).
+    let payload = "z".repeat(4000);
+    for batch in 0..20 {
+        let records = (0..50).map(|_| record("guild.1", &payload)).collect();
+        client
+            .publish(publish(batch, records, pb::AckLevel::Written))
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), broker.stop())
+        .await
+        .expect("shutdown finished although a subscriber stopped reading");
+}

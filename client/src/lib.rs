@@ -41,7 +41,9 @@ pub use reader::{Client, TopicInfo};
 pub use subscriber::{Delivery, Position, Start, Subscriber, SubscriberEvent};
 pub use switchyard_proto as proto;
 
+use std::time::Duration;
 use switchyard_proto::broker_client::BrokerClient;
+
 use tonic::transport::{Channel, Endpoint};
 
 /// Largest gRPC message the client sends or accepts (matches the broker's).
@@ -54,7 +56,15 @@ pub(crate) async fn connect(address: &str) -> Result<BrokerClient<Channel>, Clie
             address: address.to_owned(),
             reason: e.to_string(),
         })?;
-    let channel = endpoint.connect().await?;
+    // Pings find a broker that vanished without closing the connection.
+    let channel = endpoint
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await?;
     Ok(BrokerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))

@@ -116,6 +116,11 @@ impl Default for ProducerConfig {
 
 type Reply = oneshot::Sender<Result<Position, ClientError>>;
 
+/// Largest batch sent (the broker's limit), in record bytes.
+const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Largest record that fits a gRPC message with room for framing.
+const MAX_RECORD_BYTES: usize = crate::MAX_MESSAGE_BYTES - (1 << 20);
+
 /// A record waiting in the queue.
 struct Queued {
     record: Record,
@@ -165,6 +170,11 @@ impl Producer {
     /// Connects to the broker at `address` and starts the batching task.
     pub async fn connect(address: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
         let client = crate::connect(address).await?;
+        let mut config = config;
+        config.max_in_flight = config.max_in_flight.max(1);
+        config.max_batch_records = config.max_batch_records.max(1);
+        // A batch must fit one gRPC message and the broker's batch limit.
+        config.max_batch_bytes = config.max_batch_bytes.clamp(1, MAX_BATCH_BYTES);
         let (queue, records) = mpsc::channel(config.queue_records.max(1));
         tokio::spawn(Batcher::new(client, config).run(records));
         Ok(Producer { queue })
@@ -177,6 +187,16 @@ impl Producer {
     /// fails its own record instead of the batch it would have travelled in.
     pub async fn send(&self, record: Record) -> Result<PendingPosition, ClientError> {
         check_topic(&record.topic)?;
+        if record.size() > MAX_RECORD_BYTES {
+            return Err(ClientError::Refused {
+                code: tonic::Code::InvalidArgument,
+                message: format!(
+                    "record for {:?} is {} bytes; no broker accepts more than {MAX_RECORD_BYTES}",
+                    record.topic,
+                    record.size()
+                ),
+            });
+        }
         let (reply, receiver) = oneshot::channel();
         self.queue
             .send(Queued { record, reply })

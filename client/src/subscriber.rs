@@ -132,6 +132,8 @@ struct Entry {
     context: HashMap<String, String>,
     /// Where to resume: after the last record delivered (or the live start).
     resume: Option<Position>,
+    /// Asked to be removed; gone once the broker confirms (or the stream breaks).
+    removing: bool,
 }
 
 /// Events buffered for the application; when it lags, the dispatcher waits, the
@@ -265,7 +267,11 @@ impl Dispatcher {
             let (_, responses) = self.stream.as_mut().expect("opened above");
             tokio::select! {
                 command = commands.recv() => match command {
-                    Some(command) => self.command(command),
+                    Some(command) => {
+                        if !self.command(command).await {
+                            return;
+                        }
+                    }
                     None => return,
                 },
                 response = responses.message() => {
@@ -284,6 +290,18 @@ impl Dispatcher {
 
     /// Opens a stream and adds every subscription again.
     async fn open(&mut self) -> Result<(), ClientError> {
+        // Removals the broken stream never confirmed are done: the new stream will
+        // not have those subscriptions.
+        let removed: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.removing)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in removed {
+            self.entries.remove(&id);
+            let _ = self.events.send(SubscriberEvent::Removed { id }).await;
+        }
         let (requests, receiver) = mpsc::unbounded_channel();
         for (id, entry) in &self.entries {
             let _ = requests.send(add_request(*id, entry));
@@ -309,19 +327,38 @@ impl Dispatcher {
         }
     }
 
-    fn command(&mut self, command: Command) {
+    async fn command(&mut self, command: Command) -> bool {
         match command {
             Command::Add { id, topic, start } => {
+                if self.entries.contains_key(&id) {
+                    // Still in use (or its removal is not confirmed yet): refused here, so
+                    // the subscription that has the id keeps its state.
+                    let error = ClientError::Refused {
+                        code: tonic::Code::AlreadyExists,
+                        message: format!(
+                            "subscription id {id} is in use; wait for Removed before using it again"
+                        ),
+                    };
+                    return self
+                        .events
+                        .send(SubscriberEvent::Refused { id, error })
+                        .await
+                        .is_ok();
+                }
                 let entry = Entry {
                     topic,
                     start,
                     context: HashMap::new(),
                     resume: None,
+                    removing: false,
                 };
                 self.send(add_request(id, &entry));
                 self.entries.insert(id, entry);
             }
             Command::Remove { id } => {
+                if let Some(entry) = self.entries.get_mut(&id) {
+                    entry.removing = true;
+                }
                 self.send(pb::SubscribeRequest {
                     command: Some(pb::subscribe_request::Command::Remove(pb::Unsubscribe {
                         id,
@@ -339,6 +376,7 @@ impl Dispatcher {
                 });
             }
         }
+        true
     }
 
     async fn broken(&mut self, error: ClientError) -> bool {

@@ -305,3 +305,65 @@ async fn concurrent_producers_each_keep_their_order_and_offsets_have_no_gaps() {
     }
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_id_is_reused_only_after_its_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;
+    let mut subscriber = Subscriber::connect(&broker.url()).await.unwrap();
+    subscriber
+        .subscribe(1, "guild.1", Start::Latest)
+        .await
+        .unwrap();
+    assert!(matches!(
+        subscriber.next().await,
+        Some(SubscriberEvent::Started { id: 1, .. })
+    ));
+    // The id is in use: refused here, and the subscription keeps working.
+    subscriber
+        .subscribe(1, "guild.2", Start::Latest)
+        .await
+        .unwrap();
+    match subscriber.next().await {
+        Some(SubscriberEvent::Refused { id: 1, error }) => {
+            assert!(
+                matches!(
+                    error,
+                    ClientError::Refused {
+                        code: tonic::Code::AlreadyExists,
+                        ..
+                    }
+                ),
+                "{error}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let producer = Producer::connect(&broker.url(), ProducerConfig::default())
+        .await
+        .unwrap();
+    producer.publish(Record::new("guild.1", "a")).await.unwrap();
+    assert_eq!(next_delivery(&mut subscriber).await.topic, "guild.1");
+    // Removed, then reused for another topic.
+    subscriber.unsubscribe(1).await.unwrap();
+    assert!(matches!(
+        subscriber.next().await,
+        Some(SubscriberEvent::Removed { id: 1 })
+    ));
+    subscriber
+        .subscribe(1, "guild.2", Start::Latest)
+        .await
+        .unwrap();
+    assert!(matches!(
+        subscriber.next().await,
+        Some(SubscriberEvent::Started { id: 1, .. })
+    ));
+    producer.publish(Record::new("guild.1", "b")).await.unwrap();
+    producer.publish(Record::new("guild.2", "c")).await.unwrap();
+    let delivery = next_delivery(&mut subscriber).await;
+    assert_eq!(
+        (delivery.topic.as_str(), &delivery.payload[..]),
+        ("guild.2", &b"c"[..])
+    );
+    broker.stop().await;
+}

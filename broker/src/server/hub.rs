@@ -21,8 +21,9 @@ use crate::storage::{AppendObserver, Appended, NewRecord};
 /// What the hub sends a stream.
 #[derive(Debug)]
 pub enum LiveEvent {
-    /// A record for some of the stream's subscriptions, and the bytes it counts for.
-    Delivery(pb::Delivery, usize),
+    /// A record for some of the stream's subscriptions, the generation of each (in
+    /// the order of `subscription_ids`), and the bytes it counts for.
+    Delivery(pb::Delivery, Vec<u64>, usize),
     /// The stream let more than its cap pile up and is cut off.
     CutOff { pending_bytes: usize },
 }
@@ -63,30 +64,37 @@ impl StreamSink {
         pending <= self.max_pending_bytes
     }
 
-    fn push(&self, delivery: pb::Delivery, stats: &HubStats) {
+    /// Marks the stream cut off (counted and logged once) and wakes it.
+    pub fn cut(&self, pending: usize, stats: &HubStats) {
+        if !self.cut.swap(true, Ordering::Relaxed) {
+            stats.slow_consumer_cutoffs.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                stream = self.id,
+                pending,
+                cap = self.max_pending_bytes,
+                "slow consumer cut off"
+            );
+            let _ = self.events.send(LiveEvent::CutOff {
+                pending_bytes: pending,
+            });
+            self.cut_signal.notify_one();
+        }
+    }
+
+    fn push(&self, delivery: pb::Delivery, generations: Vec<u64>, stats: &HubStats) {
         if self.cut.load(Ordering::Relaxed) {
             return;
         }
         let bytes = delivery_bytes(&delivery);
         let pending = self.pending_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if pending > self.max_pending_bytes {
-            if !self.cut.swap(true, Ordering::Relaxed) {
-                stats.slow_consumer_cutoffs.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    stream = self.id,
-                    pending,
-                    cap = self.max_pending_bytes,
-                    "slow consumer cut off"
-                );
-                let _ = self.events.send(LiveEvent::CutOff {
-                    pending_bytes: pending,
-                });
-                self.cut_signal.notify_one();
-            }
+            self.cut(pending, stats);
             return;
         }
         stats.deliveries.fetch_add(1, Ordering::Relaxed);
-        let _ = self.events.send(LiveEvent::Delivery(delivery, bytes));
+        let _ = self
+            .events
+            .send(LiveEvent::Delivery(delivery, generations, bytes));
     }
 }
 
@@ -114,11 +122,14 @@ pub struct HubStats {
     pub streams: AtomicU64,
 }
 
-/// A stream following a topic, with the ids of its subscriptions to that topic.
+/// A stream following a topic, with the ids of its subscriptions to that topic and
+/// their generations (an id can be removed and used again; the generation tells the
+/// stream which use a record was meant for).
 #[derive(Debug)]
 struct Follower {
     sink: Arc<StreamSink>,
     ids: Vec<u64>,
+    generations: Vec<u64>,
 }
 
 /// Topic → followers, for the topics of one shard.
@@ -186,14 +197,25 @@ impl SubscriptionHub {
     /// Starts delivering `topic`'s new records to subscription `id` of `sink`. Call it
     /// on the shard's thread, so that no append falls between reading the topic's
     /// next offset and this.
-    pub fn follow(&self, shard: u32, topic: &str, sink: &Arc<StreamSink>, id: u64) {
+    pub fn follow(
+        &self,
+        shard: u32,
+        topic: &str,
+        sink: &Arc<StreamSink>,
+        id: u64,
+        generation: u64,
+    ) {
         let mut followers = self.shard(shard);
         let list = followers.entry(topic.to_owned()).or_default();
         match list.iter_mut().find(|f| f.sink.id == sink.id) {
-            Some(follower) => follower.ids.push(id),
+            Some(follower) => {
+                follower.ids.push(id);
+                follower.generations.push(generation);
+            }
             None => list.push(Follower {
                 sink: sink.clone(),
                 ids: vec![id],
+                generations: vec![generation],
             }),
         }
         self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -206,12 +228,13 @@ impl SubscriptionHub {
             return;
         };
         if let Some(index) = list.iter().position(|f| f.sink.id == stream) {
-            let before = list[index].ids.len();
-            list[index].ids.retain(|&i| i != id);
-            if list[index].ids.len() < before {
+            let follower = &mut list[index];
+            if let Some(at) = follower.ids.iter().position(|&i| i == id) {
+                follower.ids.swap_remove(at);
+                follower.generations.swap_remove(at);
                 self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
-            if list[index].ids.is_empty() {
+            if follower.ids.is_empty() {
                 list.swap_remove(index);
             }
         }
@@ -254,7 +277,9 @@ impl AppendObserver for SubscriptionHub {
                     payload: record.payload.clone(),
                     subscription_ids: follower.ids.clone(),
                 };
-                follower.sink.push(delivery, &self.stats);
+                follower
+                    .sink
+                    .push(delivery, follower.generations.clone(), &self.stats);
             }
         }
     }

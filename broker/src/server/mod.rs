@@ -30,17 +30,22 @@ pub use service::{AlreadyServed, BrokerService, ServerConfig};
 /// plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 20 << 20;
 
-/// Completes once `stopping` turns true (never, if its sender is gone).
+/// Completes once `stopping` turns true, or once nothing can set it any more (the
+/// server is gone).
 pub(crate) async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
     loop {
         if *stopping.borrow_and_update() {
             return;
         }
         if stopping.changed().await.is_err() {
-            std::future::pending::<()>().await;
+            return;
         }
     }
 }
+
+/// HTTP/2 pings find peers that vanished without closing their connection.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Accepted connections, with Nagle's algorithm off: deliveries are small writes
 /// that must leave at once (with it on, they wait for the peer's delayed ACK, ~40 ms).
@@ -84,6 +89,7 @@ pub async fn run(
     // Long-lived streams end when shutdown begins; otherwise the graceful stop would
     // wait for them forever.
     let stopping = service.stopping_sender();
+    let stopping_receiver = stopping.subscribe();
     let metrics_task = metrics.map(|listener| {
         let source = metrics::MetricsSource {
             store,
@@ -99,13 +105,28 @@ pub async fn run(
         tracing::info!("shutting down: ending streams");
         let _ = stopping.send(true);
     };
+    let mut grace = stopping_receiver;
+    let grace_period = service.config().shutdown_grace;
     let service = BrokerServer::new(service)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let served = tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(service)
-        .serve_with_incoming_shutdown(accept(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(accept(listener), shutdown);
+    // Streams end on their own at shutdown; a connection that still does not close
+    // (a peer that stopped reading) is dropped after the grace period.
+    let served = tokio::select! {
+        served = serving => served,
+        () = async {
+            stopped(&mut grace).await;
+            tokio::time::sleep(grace_period).await;
+        } => {
+            tracing::warn!(grace = ?grace_period, "connections did not close in time; dropping them");
+            Ok(())
+        }
+    };
     if let Some(task) = metrics_task {
         let _ = task.await;
     }

@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub max_streams: usize,
     /// Subscriptions one stream may hold.
     pub max_subscriptions_per_stream: usize,
+    /// How long a shutdown waits for connections to close before dropping them.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +43,7 @@ impl Default for ServerConfig {
             max_pending_bytes_per_stream: 8 << 20,
             max_streams: 10_000,
             max_subscriptions_per_stream: 1_000_000,
+            shutdown_grace: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -82,6 +85,10 @@ impl BrokerService {
     /// Set to true to end every stream (the server does when shutdown begins).
     pub fn stopping_sender(&self) -> watch::Sender<bool> {
         self.stopping.clone()
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
     }
 
     /// Counters of the subscriptions.
@@ -160,11 +167,16 @@ impl pb::broker_server::Broker for BrokerService {
                 let request_id = request.request_id;
                 let (records, ack) = convert::publish_request(request);
                 let pending = store.submit_async(records, ack).await;
-                if pending_tx.send((request_id, pending)).await.is_err() {
+                let handed = tokio::select! {
+                    handed = pending_tx.send((request_id, pending)) => handed.is_ok(),
+                    () = crate::server::stopped(&mut stopping) => false,
+                };
+                if !handed {
                     break;
                 }
             }
         });
+        let mut stopping = self.stopping.subscribe();
         tokio::spawn(async move {
             while let Some((request_id, pending)) = pending_rx.recv().await {
                 let response = match pending {
@@ -178,7 +190,12 @@ impl pb::broker_server::Broker for BrokerService {
                     },
                     Err(error) => refused(request_id, &error),
                 };
-                if out_tx.send(Ok(response)).await.is_err() {
+                // A producer that stopped reading answers must not hold shutdown up.
+                let sent = tokio::select! {
+                    sent = out_tx.send(Ok(response)) => sent.is_ok(),
+                    () = crate::server::stopped(&mut stopping) => false,
+                };
+                if !sent {
                     break;
                 }
             }

@@ -6,12 +6,18 @@
 //! before `N` that the start position asks for are replayed from the log; live
 //! records for the subscription that arrive meanwhile are held back and delivered
 //! once the replay is done.
+//!
+//! A subscription id can be removed and added again while records for its old use
+//! are still on their way: every use gets a new generation, carried by live records
+//! (through the hub) and by replay events, and anything of another generation is
+//! dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use switchyard_proto as pb;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tonic::{Code, Status, Streaming};
 
 use crate::server::convert;
@@ -37,19 +43,52 @@ pub struct StreamLimits {
 struct Subscription {
     topic: String,
     shard: u32,
-    /// While history is being replayed: the live deliveries held back, with their
-    /// byte counts.
-    replaying: Option<Vec<(pb::Delivery, usize)>>,
+    /// Which use of the id this is.
+    generation: u64,
+    /// While history is being replayed.
+    replaying: Option<Replay>,
     /// Kept for delivery filters (they arrive with their own issue).
     _context: HashMap<String, String>,
 }
 
-/// What a replay task reports.
+/// A replay in progress.
 #[derive(Debug)]
-enum ReplayEvent {
-    Records { id: u64, records: Vec<pb::Delivery> },
-    Done { id: u64 },
-    Failed { id: u64, error: ReadError },
+struct Replay {
+    /// Live deliveries held back until the replay is done, with their byte counts.
+    held: Vec<(pb::Delivery, usize)>,
+    /// The task reading the history.
+    task: JoinHandle<()>,
+}
+
+/// What a replay task reports, for subscription `id` in its `generation`.
+#[derive(Debug)]
+struct ReplayEvent {
+    id: u64,
+    generation: u64,
+    kind: ReplayKind,
+}
+
+#[derive(Debug)]
+enum ReplayKind {
+    Records(Vec<pb::Delivery>),
+    Done,
+    Failed(ReadError),
+}
+
+/// The channels of one Subscribe call.
+#[derive(Debug)]
+pub struct StreamChannels {
+    /// The client's commands.
+    pub inbound: Streaming<pb::SubscribeRequest>,
+    /// Responses to the client.
+    pub out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    /// The status the stream ends with, when it is not the client that ends it.
+    pub final_status: oneshot::Sender<Status>,
+    /// The hub's side of the stream and its live deliveries.
+    pub sink: Arc<StreamSink>,
+    pub live: mpsc::UnboundedReceiver<LiveEvent>,
+    /// Turns true when the server shuts down.
+    pub stopping: watch::Receiver<bool>,
 }
 
 fn update(id: u64, state: pb::subscription_update::State) -> pb::SubscribeResponse {
@@ -73,7 +112,8 @@ fn refusal(id: u64, code: Code, message: String) -> pb::SubscribeResponse {
     )
 }
 
-fn history_lost(id: u64, error: &ReadError) -> Option<pb::SubscribeResponse> {
+/// The update for a subscription that cannot go on because of `error`.
+fn ended(id: u64, error: &ReadError) -> pb::SubscribeResponse {
     match error {
         ReadError::HistoryLost {
             offset,
@@ -82,7 +122,7 @@ fn history_lost(id: u64, error: &ReadError) -> Option<pb::SubscribeResponse> {
             earliest,
             next,
             ..
-        } => Some(update(
+        } => update(
             id,
             pb::subscription_update::State::HistoryLost(pb::HistoryLost {
                 requested: Some(pb::Position {
@@ -93,9 +133,26 @@ fn history_lost(id: u64, error: &ReadError) -> Option<pb::SubscribeResponse> {
                 earliest_offset: *earliest,
                 next_offset: *next,
             }),
-        )),
-        _ => None,
+        ),
+        _ => {
+            let status = read_status(error);
+            refusal(id, status.code(), status.message().to_owned())
+        }
     }
+}
+
+fn slow_consumer() -> Status {
+    Status::resource_exhausted(
+        "slow consumer: more deliveries were waiting for this stream than its cap allows; \
+         reconnect and resume each subscription from the last position it received",
+    )
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable(
+        "the broker is shutting down; reconnect (to it or another broker) and resume each \
+         subscription from the last position it received",
+    )
 }
 
 /// The state of one Subscribe call.
@@ -105,8 +162,10 @@ struct SubscriberStream {
     sink: Arc<StreamSink>,
     limits: StreamLimits,
     subscriptions: HashMap<u64, Subscription>,
+    next_generation: u64,
     replay_tx: mpsc::Sender<ReplayEvent>,
     out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    stopping: watch::Receiver<bool>,
     /// Deliveries gathered for the next response, and the hub bytes they release.
     batch: Vec<pb::Delivery>,
     batch_bytes: usize,
@@ -118,40 +177,20 @@ impl Drop for SubscriberStream {
         for (id, subscription) in self.subscriptions.drain() {
             self.hub
                 .unfollow(subscription.shard, &subscription.topic, self.sink.id(), id);
+            if let Some(Replay { task, .. }) = subscription.replaying {
+                task.abort();
+            }
         }
         self.hub.close_stream();
     }
-}
-
-fn slow_consumer() -> Status {
-    Status::resource_exhausted(
-        "slow consumer: more deliveries were waiting for this stream than its cap allows; \
-         reconnect and resume each subscription from the last position it received",
-    )
 }
 
 /// Why the stream ends.
 enum End {
     /// The client went away (or cancelled).
     ClientGone,
-    /// Cut off: the status tells the client what happened.
+    /// Cut off or shut down: the status tells the client what happened.
     Status(Status),
-}
-
-/// The channels of one Subscribe call.
-#[derive(Debug)]
-pub struct StreamChannels {
-    /// The client's commands.
-    pub inbound: Streaming<pb::SubscribeRequest>,
-    /// Responses to the client.
-    pub out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
-    /// The status the stream ends with, when it is not the client that ends it.
-    pub final_status: oneshot::Sender<Status>,
-    /// The hub's side of the stream and its live deliveries.
-    pub sink: Arc<StreamSink>,
-    pub live: mpsc::UnboundedReceiver<LiveEvent>,
-    /// Turns true when the server shuts down.
-    pub stopping: watch::Receiver<bool>,
 }
 
 /// Serves one Subscribe call until the client goes away, the stream is cut off or
@@ -168,7 +207,7 @@ pub async fn serve(
         final_status,
         sink,
         mut live,
-        mut stopping,
+        stopping,
     } = channels;
     let (replay_tx, mut replay_rx) = mpsc::channel(64);
     let mut stream = SubscriberStream {
@@ -177,12 +216,15 @@ pub async fn serve(
         sink,
         limits,
         subscriptions: HashMap::new(),
+        next_generation: 1,
         replay_tx,
         out,
+        stopping: stopping.clone(),
         batch: Vec::new(),
         batch_bytes: 0,
         released: 0,
     };
+    let mut stop = stopping;
     let mut inbound_open = true;
     let end = loop {
         let step = tokio::select! {
@@ -196,7 +238,7 @@ pub async fn serve(
                 Some(event) => {
                     let mut result = stream.live(event);
                     // Gather what else is waiting into the same response.
-                    while result.is_ok() && stream.batch.len() < MAX_BATCH_DELIVERIES && stream.batch_bytes < MAX_BATCH_BYTES {
+                    while result.is_ok() && !stream.batch_full() {
                         match live.try_recv() {
                             Ok(event) => result = stream.live(event),
                             Err(_) => break,
@@ -208,10 +250,7 @@ pub async fn serve(
             },
             Some(event) = replay_rx.recv() => stream.replay(event).await,
             _ = stream.out.closed() => Err(End::ClientGone),
-            () = crate::server::stopped(&mut stopping) => Err(End::Status(Status::unavailable(
-                "the broker is shutting down; reconnect (to it or another broker) and resume each \
-                 subscription from the last position it received",
-            ))),
+            () = crate::server::stopped(&mut stop) => Err(End::Status(shutting_down())),
         };
         if let Err(end) = step {
             break end;
@@ -227,13 +266,18 @@ pub async fn serve(
 }
 
 impl SubscriberStream {
-    /// Sends a response; gives up if the stream is cut off meanwhile (a client that
-    /// stopped reading must not hold the stream forever).
-    async fn send(&self, response: pb::SubscribeResponse) -> Result<(), End> {
+    /// Sends a response; gives up if the stream is cut off or the server stops
+    /// meanwhile (a client that stopped reading must not hold the stream forever).
+    async fn send(&mut self, response: pb::SubscribeResponse) -> Result<(), End> {
         tokio::select! {
             sent = self.out.send(Ok(response)) => sent.map_err(|_| End::ClientGone),
             () = self.sink.cut_off() => Err(End::Status(slow_consumer())),
+            () = crate::server::stopped(&mut self.stopping) => Err(End::Status(shutting_down())),
         }
+    }
+
+    fn batch_full(&self) -> bool {
+        self.batch.len() >= MAX_BATCH_DELIVERIES || self.batch_bytes >= MAX_BATCH_BYTES
     }
 
     /// Sends the gathered deliveries as one response.
@@ -257,17 +301,27 @@ impl SubscriberStream {
         self.batch.push(delivery);
     }
 
+    /// Forgets subscription `id`: unfollows it, stops its replay, releases what it
+    /// held back.
+    fn forget(&mut self, id: u64) -> bool {
+        let Some(subscription) = self.subscriptions.remove(&id) else {
+            return false;
+        };
+        self.hub
+            .unfollow(subscription.shard, &subscription.topic, self.sink.id(), id);
+        if let Some(Replay { held, task }) = subscription.replaying {
+            task.abort();
+            self.released += held.iter().map(|(_, bytes)| bytes).sum::<usize>();
+        }
+        true
+    }
+
     async fn command(&mut self, request: pb::SubscribeRequest) -> Result<(), End> {
         use pb::subscribe_request::Command;
         match request.command {
             Some(Command::Add(subscription)) => self.add(subscription).await,
             Some(Command::Remove(pb::Unsubscribe { id })) => {
-                if let Some(subscription) = self.subscriptions.remove(&id) {
-                    self.hub
-                        .unfollow(subscription.shard, &subscription.topic, self.sink.id(), id);
-                    if let Some(held) = subscription.replaying {
-                        self.released += held.iter().map(|(_, bytes)| bytes).sum::<usize>();
-                    }
+                if self.forget(id) {
                     self.send(update(
                         id,
                         pb::subscription_update::State::Removed(pb::Removed {}),
@@ -305,22 +359,14 @@ impl SubscriberStream {
     async fn add(&mut self, request: pb::Subscription) -> Result<(), End> {
         let id = request.id;
         if self.subscriptions.contains_key(&id) {
-            return self
-                .send(refusal(
-                    id,
-                    Code::AlreadyExists,
-                    format!("subscription id {id} is already in use on this stream"),
-                ))
-                .await;
+            let message = format!("subscription id {id} is already in use on this stream");
+            return self.send(refusal(id, Code::AlreadyExists, message)).await;
         }
         if self.subscriptions.len() >= self.limits.max_subscriptions {
             let max = self.limits.max_subscriptions;
+            let message = format!("a stream holds at most {max} subscriptions");
             return self
-                .send(refusal(
-                    id,
-                    Code::ResourceExhausted,
-                    format!("a stream holds at most {max} subscriptions"),
-                ))
+                .send(refusal(id, Code::ResourceExhausted, message))
                 .await;
         }
         if let Err(error) = validate_topic_name(&request.topic) {
@@ -339,6 +385,8 @@ impl SubscriberStream {
             .start
             .and_then(|s| s.start)
             .unwrap_or(Start::Latest(pb::Latest {}));
+        let generation = self.next_generation;
+        self.next_generation += 1;
         // Validate, read the topic's state and follow it, in one step on its shard's
         // thread: no append can fall in between.
         let topic = request.topic.clone();
@@ -351,64 +399,64 @@ impl SubscriberStream {
                     shard.validate_position(&topic, position.offset, position.epoch)?;
                 }
                 let info = shard.topic_info(&topic)?;
-                hub.follow(shard.id(), &topic, &sink, id);
+                hub.follow(shard.id(), &topic, &sink, id, generation);
                 let (epoch, earliest, next) =
                     info.map_or((0, 0, 0), |i| (i.epoch, i.earliest_offset, i.next_offset));
-                let from = match start {
-                    Start::Latest(_) => next,
-                    Start::Earliest(_) => earliest,
-                    Start::Resume(position) => position.offset,
+                // Where the subscription starts; for a resume, the position given.
+                let first = match start {
+                    Start::Latest(_) => pb::Position {
+                        offset: next,
+                        epoch,
+                    },
+                    Start::Earliest(_) => pb::Position {
+                        offset: earliest,
+                        epoch,
+                    },
+                    Start::Resume(position) => position,
                 };
-                Ok::<_, ReadError>((shard.id(), from, next, epoch))
+                Ok::<_, ReadError>((shard.id(), first, next))
             })
             .await;
-        let (shard, from, next, epoch) = match joined {
+        let (shard, first, next) = match joined {
             Ok(Ok(joined)) => joined,
-            Ok(Err(error)) | Err(error) => {
-                let response = history_lost(id, &error).unwrap_or_else(|| {
-                    let status = read_status(&error);
-                    refusal(id, status.code(), status.message().to_owned())
-                });
-                return self.send(response).await;
-            }
+            Ok(Err(error)) | Err(error) => return self.send(ended(id, &error)).await,
         };
-        let replaying = from < next;
-        self.subscriptions.insert(
-            id,
-            Subscription {
-                topic: request.topic.clone(),
-                shard,
-                replaying: replaying.then(Vec::new),
-                _context: request.context,
-            },
-        );
-        if replaying {
-            tokio::spawn(replay(
+        let replaying = (first.offset < next).then(|| {
+            let task = tokio::spawn(replay(
                 self.store.clone(),
-                request.topic,
-                id,
-                from,
+                request.topic.clone(),
+                (id, generation),
+                first.offset,
                 next,
                 self.replay_tx.clone(),
             ));
-        }
+            Replay {
+                held: Vec::new(),
+                task,
+            }
+        });
+        self.subscriptions.insert(
+            id,
+            Subscription {
+                topic: request.topic,
+                shard,
+                generation,
+                replaying,
+                _context: request.context,
+            },
+        );
         self.send(update(
             id,
-            pb::subscription_update::State::Started(pb::Started {
-                next: Some(pb::Position {
-                    offset: from,
-                    epoch,
-                }),
-            }),
+            pb::subscription_update::State::Started(pb::Started { next: Some(first) }),
         ))
         .await
     }
 
     /// A live delivery: straight out for subscriptions that are live, held back for
-    /// those still replaying.
+    /// those still replaying, dropped for uses of an id that are over.
     fn live(&mut self, event: LiveEvent) -> Result<(), End> {
-        let (mut delivery, bytes) = match event {
-            LiveEvent::Delivery(delivery, bytes) => (delivery, bytes),
+        let (mut delivery, generations, bytes) = match event {
+            LiveEvent::Delivery(delivery, generations, bytes) => (delivery, generations, bytes),
             LiveEvent::CutOff { pending_bytes } => {
                 tracing::debug!(
                     stream = self.sink.id(),
@@ -418,28 +466,30 @@ impl SubscriberStream {
                 return Err(End::Status(slow_consumer()));
             }
         };
+        self.released += bytes;
         let ids = std::mem::take(&mut delivery.subscription_ids);
         let mut live_ids = Vec::with_capacity(ids.len());
-        for id in ids {
-            match self.subscriptions.get_mut(&id) {
-                Some(Subscription {
-                    replaying: Some(held),
-                    ..
-                }) => {
+        for (id, generation) in ids.into_iter().zip(generations) {
+            let Some(subscription) = self.subscriptions.get_mut(&id) else {
+                continue;
+            };
+            if subscription.generation != generation {
+                continue;
+            }
+            match &mut subscription.replaying {
+                Some(Replay { held, .. }) => {
                     let mut copy = delivery.clone();
                     copy.subscription_ids = vec![id];
                     let copy_bytes = delivery_bytes(&copy);
                     if !self.sink.hold(copy_bytes) {
+                        self.sink.cut(copy_bytes, self.hub.stats());
                         return Err(End::Status(slow_consumer()));
                     }
                     held.push((copy, copy_bytes));
                 }
-                Some(_) => live_ids.push(id),
-                // Removed while the record was on its way.
-                None => {}
+                None => live_ids.push(id),
             }
         }
-        self.released += bytes;
         if !live_ids.is_empty() {
             delivery.subscription_ids = live_ids;
             self.push(delivery, bytes);
@@ -448,42 +498,43 @@ impl SubscriberStream {
     }
 
     async fn replay(&mut self, event: ReplayEvent) -> Result<(), End> {
-        match event {
-            ReplayEvent::Records { id, records } => {
-                if self.subscriptions.contains_key(&id) {
-                    for delivery in records {
-                        let bytes = delivery_bytes(&delivery);
-                        self.push(delivery, bytes);
-                    }
+        let ReplayEvent {
+            id,
+            generation,
+            kind,
+        } = event;
+        if self
+            .subscriptions
+            .get(&id)
+            .is_none_or(|s| s.generation != generation)
+        {
+            return Ok(()); // for a use of the id that is over
+        }
+        match kind {
+            ReplayKind::Records(records) => {
+                for delivery in records {
+                    let bytes = delivery_bytes(&delivery);
+                    self.push(delivery, bytes);
                 }
                 Ok(())
             }
-            ReplayEvent::Done { id } => {
-                if let Some(subscription) = self.subscriptions.get_mut(&id)
-                    && let Some(held) = subscription.replaying.take()
-                {
+            ReplayKind::Done => {
+                let subscription = self.subscriptions.get_mut(&id).expect("checked above");
+                if let Some(Replay { held, .. }) = subscription.replaying.take() {
                     for (delivery, bytes) in held {
                         self.released += bytes;
                         self.push(delivery, bytes);
+                        if self.batch_full() {
+                            self.flush().await?;
+                        }
                     }
                 }
                 Ok(())
             }
-            ReplayEvent::Failed { id, error } => {
-                if let Some(subscription) = self.subscriptions.remove(&id) {
-                    self.hub
-                        .unfollow(subscription.shard, &subscription.topic, self.sink.id(), id);
-                    if let Some(held) = subscription.replaying {
-                        self.released += held.iter().map(|(_, bytes)| bytes).sum::<usize>();
-                    }
-                    let response = history_lost(id, &error).unwrap_or_else(|| {
-                        let status = read_status(&error);
-                        refusal(id, status.code(), status.message().to_owned())
-                    });
-                    self.flush().await?;
-                    self.send(response).await?;
-                }
-                Ok(())
+            ReplayKind::Failed(error) => {
+                self.forget(id);
+                self.flush().await?;
+                self.send(ended(id, &error)).await
             }
         }
     }
@@ -493,17 +544,22 @@ impl SubscriberStream {
 async fn replay(
     store: Store,
     topic: String,
-    id: u64,
+    (id, generation): (u64, u64),
     mut from: u64,
     until: u64,
     events: mpsc::Sender<ReplayEvent>,
 ) {
+    let report = |kind| ReplayEvent {
+        id,
+        generation,
+        kind,
+    };
     while from < until {
         let limits = ReadLimits {
             max_records: REPLAY_CHUNK.min((until - from) as usize),
             max_bytes: MAX_BATCH_BYTES,
         };
-        match store.read_async(&topic, from, limits).await {
+        let error = match store.read_async(&topic, from, limits).await {
             Ok(batch) if !batch.records.is_empty() => {
                 from = batch.next_offset;
                 let records = batch
@@ -512,34 +568,30 @@ async fn replay(
                     .map(|r| convert::delivery(r, vec![id]))
                     .collect();
                 if events
-                    .send(ReplayEvent::Records { id, records })
+                    .send(report(ReplayKind::Records(records)))
                     .await
                     .is_err()
                 {
                     return;
                 }
+                continue;
             }
-            Ok(_) => break,
-            Err(ReadError::OffsetNotRetained {
-                topic, earliest, ..
-            }) => {
-                // Retention removed what the replay was about to read.
-                let error = ReadError::HistoryLost {
-                    topic,
+            // Retention removed what the replay was about to read (or the whole topic).
+            Ok(_) | Err(ReadError::OffsetNotRetained { .. }) => {
+                let current = store.topic_info_async(&topic).await.ok().flatten();
+                ReadError::HistoryLost {
+                    topic: topic.clone(),
                     offset: from,
                     epoch: 0,
-                    current_epoch: 0,
-                    earliest,
-                    next: until,
-                };
-                let _ = events.send(ReplayEvent::Failed { id, error }).await;
-                return;
+                    current_epoch: current.map_or(0, |i| i.epoch),
+                    earliest: current.map_or(0, |i| i.earliest_offset),
+                    next: current.map_or(0, |i| i.next_offset),
+                }
             }
-            Err(error) => {
-                let _ = events.send(ReplayEvent::Failed { id, error }).await;
-                return;
-            }
-        }
+            Err(error) => error,
+        };
+        let _ = events.send(report(ReplayKind::Failed(error))).await;
+        return;
     }
-    let _ = events.send(ReplayEvent::Done { id }).await;
+    let _ = events.send(report(ReplayKind::Done)).await;
 }

@@ -124,6 +124,7 @@ impl ServeArgs {
                 max_pending_bytes_per_stream: self.max_pending_mib_per_stream << 20,
                 max_streams: self.max_streams,
                 max_subscriptions_per_stream: self.max_subscriptions_per_stream,
+                ..ServerConfig::default()
             },
             listen: self.listen,
             metrics_listen,
