@@ -1,0 +1,618 @@
+//! Lua delivery filters: the broker decides, per subscription, whether a record may
+//! be delivered (a member who cannot see a channel never receives its messages).
+//!
+//! # Layout
+//! - this file: the narrow interface — [`FilterSet`] (the filters loaded from a
+//!   directory, reloadable), [`Context`], [`EventView`], [`evaluate`].
+//! - [`engine`] (private): one sandboxed Lua 5.4 state per thread; the only place
+//!   that knows mlua.
+//!
+//! The filter API, the sandbox and the limits are documented in `docs/filters.md`.
+
+mod engine;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Bounds on every filter call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilterLimits {
+    /// Lua instructions one call may run (checked every 1,000).
+    pub instructions: u32,
+    /// Bytes the Lua state of one thread may allocate.
+    pub memory_bytes: usize,
+}
+
+impl Default for FilterLimits {
+    fn default() -> Self {
+        FilterLimits {
+            instructions: 100_000,
+            memory_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Why a filter could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct CompileError {
+    pub file: String,
+    /// The message, with `file:line:` where Lua gives one.
+    pub message: String,
+}
+
+/// Why a filter call failed; the record is then not delivered to that subscription.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvalError {
+    #[error("no filter named {0:?} is loaded")]
+    Unknown(String),
+    #[error("{0}")]
+    Compile(String),
+    #[error("{0}")]
+    Runtime(String),
+    #[error("the Lua state could not be created: {0}")]
+    Engine(String),
+}
+
+/// A record as a filter sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub topic: &'a str,
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    pub headers: &'a [(String, String)],
+    pub payload: &'a [u8],
+}
+
+/// What a filter knows of a subscriber (roles, user id, ...). Immutable; a context
+/// update makes a new one. Contexts with equal values compare and hash equal, so
+/// subscriptions with the same filter and context share one evaluation per record.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Unique per context made: the key of its Lua table in each thread's cache.
+    id: u64,
+    values: Arc<BTreeMap<String, String>>,
+    hash: u64,
+}
+
+static NEXT_CONTEXT: AtomicU64 = AtomicU64::new(1);
+
+impl Context {
+    pub fn new(values: impl IntoIterator<Item = (String, String)>) -> Self {
+        let values: BTreeMap<String, String> = values.into_iter().collect();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        values.hash(&mut hasher);
+        Context {
+            id: NEXT_CONTEXT.fetch_add(1, Ordering::Relaxed),
+            values: Arc::new(values),
+            hash: hasher.finish(),
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn values(&self) -> &BTreeMap<String, String> {
+        &self.values
+    }
+
+    pub fn content_hash(&self) -> u64 {
+        self.hash
+    }
+}
+
+impl PartialEq for Context {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.values, &other.values) || self.values == other.values)
+    }
+}
+
+impl Eq for Context {}
+
+/// Counters of one filter.
+#[derive(Debug, Default)]
+pub struct FilterStats {
+    pub evaluations: AtomicU64,
+    pub denials: AtomicU64,
+    pub errors: AtomicU64,
+    /// When an error was last logged (milliseconds since the Unix epoch).
+    last_logged_ms: AtomicU64,
+}
+
+/// A filter as loaded: its source and version. Threads compile it on first use.
+#[derive(Debug)]
+pub struct LoadedFilter {
+    pub name: String,
+    pub file: String,
+    pub source: String,
+    /// Changes whenever the source does.
+    pub version: u64,
+    pub stats: Arc<FilterStats>,
+}
+
+/// What a (re)load did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Filters now serving a new version.
+    pub loaded: Vec<String>,
+    /// Files refused; an older version of the same filter, if any, keeps serving.
+    pub failed: Vec<CompileError>,
+    /// Filters whose file disappeared.
+    pub removed: Vec<String>,
+}
+
+/// The filters of a directory (`NAME.lua` is filter `NAME`).
+#[derive(Debug)]
+pub struct FilterSet {
+    dir: Option<PathBuf>,
+    limits: FilterLimits,
+    filters: RwLock<HashMap<String, Arc<LoadedFilter>>>,
+    /// Last seen modification time and length of each file, to reload on change.
+    seen: RwLock<HashMap<PathBuf, (SystemTime, u64)>>,
+    next_version: AtomicU64,
+}
+
+/// Compiles `source` in a scratch state: `Ok` when it would load.
+pub fn check_source(file: &str, source: &str, limits: FilterLimits) -> Result<(), CompileError> {
+    let compiled = engine::with_engine(limits, |engine| engine.compile(file, source).map(|_| ()));
+    match compiled {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(message)) => Err(CompileError {
+            file: file.to_owned(),
+            message,
+        }),
+        Err(error) => Err(CompileError {
+            file: file.to_owned(),
+            message: error.to_string(),
+        }),
+    }
+}
+
+impl FilterSet {
+    /// An empty set (no directory): every named filter is unknown.
+    pub fn empty(limits: FilterLimits) -> Self {
+        FilterSet {
+            dir: None,
+            limits,
+            filters: RwLock::new(HashMap::new()),
+            seen: RwLock::new(HashMap::new()),
+            next_version: AtomicU64::new(1),
+        }
+    }
+
+    /// Loads every `*.lua` file of `dir`. Files that fail to compile are reported
+    /// (file and line) and left out.
+    pub fn load(dir: impl Into<PathBuf>, limits: FilterLimits) -> (Self, LoadReport) {
+        let set = FilterSet {
+            dir: Some(dir.into()),
+            ..FilterSet::empty(limits)
+        };
+        let report = set.reload();
+        (set, report)
+    }
+
+    pub fn limits(&self) -> FilterLimits {
+        self.limits
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<LoadedFilter>> {
+        self.filters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Names and counters of the loaded filters.
+    pub fn stats(&self) -> Vec<(String, Arc<FilterStats>)> {
+        let filters = self.filters.read().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = filters
+            .values()
+            .map(|f| (f.name.clone(), f.stats.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Adds or replaces filter `name` from `source` (after a compile check).
+    pub fn insert(&self, name: &str, file: &str, source: String) -> Result<(), CompileError> {
+        check_source(file, &source, self.limits)?;
+        let mut filters = self.filters.write().unwrap_or_else(|e| e.into_inner());
+        let stats = filters
+            .get(name)
+            .map(|f| f.stats.clone())
+            .unwrap_or_default();
+        filters.insert(
+            name.to_owned(),
+            Arc::new(LoadedFilter {
+                name: name.to_owned(),
+                file: file.to_owned(),
+                source,
+                version: self.next_version.fetch_add(1, Ordering::Relaxed),
+                stats,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Loads what changed in the directory since the last (re)load. A file that now
+    /// fails to compile is reported and its previous version keeps serving.
+    pub fn reload(&self) -> LoadReport {
+        let mut report = LoadReport::default();
+        let Some(dir) = &self.dir else { return report };
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(error) => {
+                report.failed.push(CompileError {
+                    file: dir.display().to_string(),
+                    message: format!("cannot read the filter directory: {error}"),
+                });
+                return report;
+            }
+        };
+        let mut present = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = filter_name(&path) else {
+                continue;
+            };
+            present.push(name.clone());
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
+            let stamp = (
+                metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                metadata.len(),
+            );
+            if self
+                .seen
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&path)
+                == Some(&stamp)
+            {
+                continue;
+            }
+            self.seen
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(path.clone(), stamp);
+            let file = path.display().to_string();
+            let result = std::fs::read_to_string(&path)
+                .map_err(|e| CompileError {
+                    file: file.clone(),
+                    message: format!("cannot read: {e}"),
+                })
+                .and_then(|source| self.insert(&name, &file, source));
+            match result {
+                Ok(()) => report.loaded.push(name),
+                Err(error) => {
+                    tracing::error!(%error, "filter refused; the previous version (if any) keeps serving");
+                    report.failed.push(error);
+                }
+            }
+        }
+        let mut filters = self.filters.write().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = filters
+            .keys()
+            .filter(|n| !present.contains(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            filters.remove(&name);
+            report.removed.push(name);
+        }
+        report.loaded.sort();
+        report
+    }
+
+    /// Reloads every `every` until `stop` completes (changes are picked up by
+    /// modification time and size).
+    pub async fn watch(
+        self: Arc<Self>,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {
+                    let set = self.clone();
+                    let report = tokio::task::spawn_blocking(move || set.reload()).await.unwrap_or_default();
+                    if !report.loaded.is_empty() || !report.removed.is_empty() {
+                        tracing::info!(loaded = ?report.loaded, removed = ?report.removed, "filters reloaded");
+                    }
+                }
+                () = &mut stop => return,
+            }
+        }
+    }
+}
+
+fn filter_name(path: &Path) -> Option<String> {
+    if path.extension()? != "lua" {
+        return None;
+    }
+    Some(path.file_stem()?.to_str()?.to_owned())
+}
+
+/// Runs `filter` on `event` for one subscription, on this thread's Lua state:
+/// `true` to deliver. Errors are counted per filter and logged at most once per
+/// second per filter; the caller withholds the record.
+pub fn evaluate(
+    filter: &LoadedFilter,
+    limits: FilterLimits,
+    event: &EventView<'_>,
+    subscription_id: u64,
+    context: &Context,
+) -> Result<bool, EvalError> {
+    filter.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+    let result = engine::with_engine(limits, |engine| {
+        engine.evaluate(filter, event, subscription_id, context)
+    })
+    .and_then(|r| r);
+    match &result {
+        Ok(false) => {
+            filter.stats.denials.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(true) => {}
+        Err(error) => {
+            filter.stats.errors.fetch_add(1, Ordering::Relaxed);
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let last = filter.stats.last_logged_ms.load(Ordering::Relaxed);
+            if now >= last + 1000
+                && filter
+                    .stats
+                    .last_logged_ms
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(filter = %filter.name, topic = event.topic, offset = event.offset, %error, "filter failed; record withheld from the subscription");
+            }
+        }
+    }
+    result
+}
+
+/// Times one call, for benchmarks and the `filter test` command.
+pub fn time_evaluation(
+    filter: &LoadedFilter,
+    limits: FilterLimits,
+    event: &EventView<'_>,
+    context: &Context,
+) -> (Result<bool, EvalError>, Duration) {
+    let started = Instant::now();
+    let result = evaluate(filter, limits, event, 0, context);
+    (result, started.elapsed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: FilterLimits = FilterLimits {
+        instructions: 100_000,
+        memory_bytes: 16 << 20,
+    };
+
+    fn set_with(name: &str, source: &str) -> FilterSet {
+        let set = FilterSet::empty(LIMITS);
+        set.insert(name, &format!("{name}.lua"), source.to_owned())
+            .unwrap();
+        set
+    }
+
+    fn event<'a>(headers: &'a [(String, String)], payload: &'a [u8]) -> EventView<'a> {
+        EventView {
+            topic: "guild.1",
+            offset: 7,
+            timestamp_ms: 1,
+            headers,
+            payload,
+        }
+    }
+
+    fn run(set: &FilterSet, name: &str, context: &Context) -> Result<bool, EvalError> {
+        let headers = vec![("type".to_owned(), "MESSAGE_CREATE".to_owned())];
+        evaluate(
+            &set.get(name).unwrap(),
+            LIMITS,
+            &event(&headers, br#"{"author":{"id":"5"}}"#),
+            1,
+            context,
+        )
+    }
+
+    #[test]
+    fn a_filter_sees_the_event_and_the_subscription() {
+        let set = set_with(
+            "f",
+            r#"return function(event, sub)
+                 return event.topic == "guild.1" and event.offset == 7
+                   and event.headers.type == "MESSAGE_CREATE"
+                   and event:json().author.id == sub.context.user and sub.id == 1
+               end"#,
+        );
+        let me = Context::new([("user".to_owned(), "5".to_owned())]);
+        let other = Context::new([("user".to_owned(), "6".to_owned())]);
+        assert_eq!(run(&set, "f", &me), Ok(true));
+        assert_eq!(run(&set, "f", &other), Ok(false));
+        let stats = &set.get("f").unwrap().stats;
+        assert_eq!(stats.evaluations.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.denials.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn compile_errors_name_file_and_line() {
+        let set = FilterSet::empty(LIMITS);
+        let error = set
+            .insert(
+                "bad",
+                "bad.lua",
+                "return function(e)\n  if then end\nend".into(),
+            )
+            .unwrap_err();
+        assert!(error.message.contains("bad.lua:2:"), "{error}");
+        let error = set
+            .insert("notfn", "notfn.lua", "return 42".into())
+            .unwrap_err();
+        assert!(
+            error.message.contains("must return the filter function"),
+            "{error}"
+        );
+        assert!(set.get("bad").is_none());
+    }
+
+    #[test]
+    fn hostile_filters_are_contained_and_the_state_keeps_serving() {
+        let hostile = [
+            ("loop", "return function() while true do end end", "budget"),
+            (
+                "memory",
+                "return function() local t = {} for i = 1, 1000 do t[i] = string.rep('x', 1048576) .. i end end",
+                "memory limit",
+            ),
+            (
+                "rep_gigabyte",
+                "return function() return #string.rep('x', 1 << 30) > 0 end",
+                "memory limit",
+            ),
+            (
+                "rep_too_large",
+                "return function() return #string.rep('x', 2^31) > 0 end",
+                "too large",
+            ),
+            (
+                "os",
+                "return function() os.execute('true') return true end",
+                "os",
+            ),
+            (
+                "io",
+                "return function() io.open('/etc/passwd') return true end",
+                "io",
+            ),
+            (
+                "require",
+                "return function() require('socket') return true end",
+                "require",
+            ),
+            (
+                "load",
+                "return function() load(string.dump(function() end)) return true end",
+                "",
+            ),
+            (
+                "string_lib",
+                "return function() string.upper = nil return true end",
+                "read-only",
+            ),
+            ("runtime", "return function() error('boom') end", "boom"),
+            (
+                "not_boolean",
+                "return function() return 'yes' end",
+                "not a boolean",
+            ),
+        ];
+        let set = FilterSet::empty(LIMITS);
+        let good = "return function(event) return event.topic == 'guild.1' end";
+        set.insert("good", "good.lua", good.into()).unwrap();
+        let context = Context::new([]);
+        for (name, source, expected) in hostile {
+            set.insert(name, &format!("{name}.lua"), source.into())
+                .unwrap();
+            match run(&set, name, &context) {
+                Err(EvalError::Runtime(message)) => {
+                    assert!(message.contains(expected), "{name}: {message}")
+                }
+                other => panic!("{name}: expected a contained error, got {other:?}"),
+            }
+            assert_eq!(run(&set, "good", &context), Ok(true), "after {name}");
+        }
+        // Deep recursion with a budget that lets it run: the stack or the memory limit
+        // stops it.
+        let generous = FilterLimits {
+            instructions: 500_000_000,
+            memory_bytes: 16 << 20,
+        };
+        set.insert(
+            "recursion",
+            "recursion.lua",
+            "local function f(n) return f(n + 1) + 1 end return function() return f(1) end".into(),
+        )
+        .unwrap();
+        let headers = Vec::new();
+        let deep = evaluate(
+            &set.get("recursion").unwrap(),
+            generous,
+            &event(&headers, b""),
+            1,
+            &context,
+        );
+        match deep {
+            Err(EvalError::Runtime(message)) => {
+                assert!(
+                    message.contains("stack overflow") || message.contains("memory limit"),
+                    "{message}"
+                )
+            }
+            other => panic!("recursion: expected a contained error, got {other:?}"),
+        }
+        // Metatables of strings cannot be reached to break other filters.
+        set.insert(
+            "meta",
+            "meta.lua",
+            "return function() return getmetatable('') == false end".into(),
+        )
+        .unwrap();
+        assert_eq!(run(&set, "meta", &context), Ok(true));
+    }
+
+    #[test]
+    fn loading_a_directory_keeps_the_old_version_when_the_new_one_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("allow.lua");
+        std::fs::write(&file, "return function() return true end").unwrap();
+        std::fs::write(dir.path().join("README.txt"), "not a filter").unwrap();
+        let (set, report) = FilterSet::load(dir.path(), LIMITS);
+        assert_eq!(report.loaded, vec!["allow".to_owned()]);
+        assert!(report.failed.is_empty());
+        let context = Context::new([]);
+        assert_eq!(run(&set, "allow", &context), Ok(true));
+        // A broken edit is refused and the old version keeps serving.
+        std::fs::write(&file, "return function() return (end").unwrap();
+        let report = set.reload();
+        assert_eq!(report.failed.len(), 1);
+        assert!(
+            report.failed[0].message.contains("allow.lua:1:"),
+            "{:?}",
+            report.failed
+        );
+        assert_eq!(run(&set, "allow", &context), Ok(true));
+        // A good edit replaces it.
+        std::fs::write(&file, "return function() return false end -- now deny").unwrap();
+        assert_eq!(set.reload().loaded, vec!["allow".to_owned()]);
+        assert_eq!(run(&set, "allow", &context), Ok(false));
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(set.reload().removed, vec!["allow".to_owned()]);
+        assert!(set.get("allow").is_none());
+    }
+
+    #[test]
+    fn equal_contexts_are_equal() {
+        let a = Context::new([("roles".to_owned(), "1,2".to_owned())]);
+        let b = Context::new([("roles".to_owned(), "1,2".to_owned())]);
+        let c = Context::new([("roles".to_owned(), "1".to_owned())]);
+        assert_eq!(a, b);
+        assert_ne!(a.id(), b.id());
+        assert_ne!(a, c);
+    }
+}
