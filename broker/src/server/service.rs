@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::filter::{FilterLimits, FilterSet};
 use crate::server::convert;
 use crate::server::hub::{HubStats, SubscriptionHub};
 use crate::server::status::{append_code, append_status, read_status};
@@ -24,7 +25,7 @@ pub const MAX_FETCH_RECORDS: usize = 10_000;
 pub const MAX_FETCH_BYTES: usize = 4 << 20;
 
 /// Limits of the server (defaults in [`ServerConfig::default`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Bytes of deliveries that may wait for one subscriber stream before it is cut
     /// off as a slow consumer.
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     pub max_subscriptions_per_stream: usize,
     /// How long a shutdown waits for connections to close before dropping them.
     pub shutdown_grace: std::time::Duration,
+    /// The delivery filters subscriptions may name.
+    pub filters: Arc<FilterSet>,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +47,7 @@ impl Default for ServerConfig {
             max_streams: 10_000,
             max_subscriptions_per_stream: 1_000_000,
             shutdown_grace: std::time::Duration::from_secs(10),
+            filters: Arc::new(FilterSet::empty(FilterLimits::default())),
         }
     }
 }
@@ -219,6 +223,7 @@ impl pb::broker_server::Broker for BrokerService {
         let (status_tx, status_rx) = oneshot::channel::<Status>();
         let limits = StreamLimits {
             max_subscriptions: self.config.max_subscriptions_per_stream,
+            filters: self.config.filters.clone(),
         };
         let channels = StreamChannels {
             inbound: request.into_inner(),

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::{Code, Status, Streaming};
 
+use crate::filter::{Context, EventView, FilterSet};
 use crate::server::convert;
 use crate::server::hub::{LiveEvent, StreamSink, SubscriptionHub, delivery_bytes};
 use crate::server::status::read_status;
@@ -33,9 +34,11 @@ const MAX_BATCH_DELIVERIES: usize = 1000;
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// Limits of one stream.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StreamLimits {
     pub max_subscriptions: usize,
+    /// The filters subscriptions may name.
+    pub filters: Arc<FilterSet>,
 }
 
 /// A subscription of this stream.
@@ -47,8 +50,10 @@ struct Subscription {
     generation: u64,
     /// While history is being replayed.
     replaying: Option<Replay>,
-    /// Kept for delivery filters (they arrive with their own issue).
-    _context: HashMap<String, String>,
+    /// The delivery filter it names, if any, and what the filter knows of the
+    /// subscriber.
+    filter: Option<String>,
+    context: Context,
 }
 
 /// A replay in progress.
@@ -339,7 +344,8 @@ impl SubscriberStream {
             Some(Command::UpdateContext(pb::UpdateContext { id, context })) => {
                 match self.subscriptions.get_mut(&id) {
                     Some(subscription) => {
-                        subscription._context = context;
+                        // Takes effect with the next record evaluated.
+                        subscription.context = Context::new(context);
                         Ok(())
                     }
                     None => {
@@ -373,12 +379,19 @@ impl SubscriberStream {
             let message = format!("invalid topic name {:?}: {error}", request.topic);
             return self.send(refusal(id, Code::InvalidArgument, message)).await;
         }
-        if !request.filter.is_empty() {
+        if !request.filter.is_empty() && self.limits.filters.get(&request.filter).is_none() {
+            let loaded: Vec<String> = self
+                .limits
+                .filters
+                .stats()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect();
             let message = format!(
-                "delivery filter {:?}: this broker does not run filters yet",
+                "no delivery filter named {:?} is loaded (loaded: {loaded:?})",
                 request.filter
             );
-            return self.send(refusal(id, Code::Unimplemented, message)).await;
+            return self.send(refusal(id, Code::NotFound, message)).await;
         }
         use pb::start_position::Start;
         let start = request
@@ -442,7 +455,8 @@ impl SubscriberStream {
                 shard,
                 generation,
                 replaying,
-                _context: request.context,
+                filter: (!request.filter.is_empty()).then_some(request.filter),
+                context: Context::new(request.context),
             },
         );
         self.send(update(
@@ -469,13 +483,18 @@ impl SubscriberStream {
         self.released += bytes;
         let ids = std::mem::take(&mut delivery.subscription_ids);
         let mut live_ids = Vec::with_capacity(ids.len());
+        let mut verdicts = Verdicts::default();
         for (id, generation) in ids.into_iter().zip(generations) {
-            let Some(subscription) = self.subscriptions.get_mut(&id) else {
+            let Some(subscription) = self.subscriptions.get(&id) else {
                 continue;
             };
             if subscription.generation != generation {
                 continue;
             }
+            if !verdicts.allows(&self.limits.filters, subscription, id, &delivery) {
+                continue;
+            }
+            let subscription = self.subscriptions.get_mut(&id).expect("looked up above");
             match &mut subscription.replaying {
                 Some(Replay { held, .. }) => {
                     let mut copy = delivery.clone();
@@ -512,7 +531,23 @@ impl SubscriberStream {
         }
         match kind {
             ReplayKind::Records(records) => {
-                for delivery in records {
+                let subscription = self.subscriptions.get(&id).expect("checked above");
+                let allowed: Vec<pb::Delivery> = if subscription.filter.is_some() {
+                    records
+                        .into_iter()
+                        .filter(|delivery| {
+                            Verdicts::default().allows(
+                                &self.limits.filters,
+                                subscription,
+                                id,
+                                delivery,
+                            )
+                        })
+                        .collect()
+                } else {
+                    records
+                };
+                for delivery in allowed {
                     let bytes = delivery_bytes(&delivery);
                     self.push(delivery, bytes);
                 }
@@ -537,6 +572,71 @@ impl SubscriberStream {
                 self.send(ended(id, &error)).await
             }
         }
+    }
+}
+
+/// Filter verdicts for one record: subscriptions with the same filter and equal
+/// contexts share one evaluation.
+#[derive(Default)]
+struct Verdicts {
+    /// (filter, context hash) → the contexts evaluated and their verdicts.
+    known: HashMap<(String, u64), Vec<(Context, bool)>>,
+    /// The record's headers as the filter API takes them, made once.
+    headers: Option<Vec<(String, String)>>,
+}
+
+impl Verdicts {
+    /// Whether `subscription` (id `id`) may receive `delivery`. A filter that fails
+    /// withholds the record (the error is counted and logged by the filter module).
+    fn allows(
+        &mut self,
+        filters: &FilterSet,
+        subscription: &Subscription,
+        id: u64,
+        delivery: &pb::Delivery,
+    ) -> bool {
+        let Some(name) = &subscription.filter else {
+            return true;
+        };
+        let key = (name.clone(), subscription.context.content_hash());
+        if let Some(known) = self.known.get(&key)
+            && let Some((_, verdict)) = known.iter().find(|(c, _)| *c == subscription.context)
+        {
+            return *verdict;
+        }
+        let verdict = match filters.get(name) {
+            Some(filter) => {
+                let headers = self.headers.get_or_insert_with(|| {
+                    delivery
+                        .headers
+                        .iter()
+                        .map(|h| (h.key.clone(), h.value.clone()))
+                        .collect()
+                });
+                let event = EventView {
+                    topic: &delivery.topic,
+                    offset: delivery.offset,
+                    timestamp_ms: delivery.timestamp_ms,
+                    headers,
+                    payload: &delivery.payload,
+                };
+                crate::filter::evaluate(
+                    &filter,
+                    filters.limits(),
+                    &event,
+                    id,
+                    &subscription.context,
+                )
+                .unwrap_or(false)
+            }
+            // Unloaded since the subscription was made: nothing passes.
+            None => false,
+        };
+        self.known
+            .entry(key)
+            .or_default()
+            .push((subscription.context.clone(), verdict));
+        verdict
     }
 }
 

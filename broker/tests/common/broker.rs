@@ -15,6 +15,7 @@ pub struct Broker {
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     store: Store,
+    filters: std::sync::Arc<switchyard_broker::filter::FilterSet>,
     _dir: tempfile::TempDir,
 }
 
@@ -34,6 +35,7 @@ impl Broker {
         let address = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = store.clone();
+        let filters = config.filters.clone();
         let task = tokio::spawn(async move {
             server::run(listener, None, serving, config, async {
                 let _ = stopped.await;
@@ -46,8 +48,13 @@ impl Broker {
             stop: Some(stop),
             task: Some(task),
             store,
+            filters,
             _dir: dir,
         }
+    }
+
+    pub fn filters(&self) -> &std::sync::Arc<switchyard_broker::filter::FilterSet> {
+        &self.filters
     }
 
     pub fn store_handle(&self) -> &Store {

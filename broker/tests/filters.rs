@@ -1,0 +1,343 @@
+//! Delivery filters through a real broker and the generated client.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::broker::{Broker, publish};
+use switchyard_broker::filter::{FilterLimits, FilterSet};
+use switchyard_broker::server::ServerConfig;
+use switchyard_proto as pb;
+use switchyard_proto::broker_client::BrokerClient;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tonic::{Code, Streaming};
+
+use pb::subscribe_response::Event;
+use pb::subscription_update::State;
+
+const CHANNEL_FILTER: &str = r#"
+-- Deliver messages of the channels listed in the context (comma-separated).
+return function(event, sub)
+  local channel = event.headers.channel_id
+  if channel == nil then return true end
+  for allowed in string.gmatch(sub.context.channels or "", "[^,]+") do
+    if allowed == channel then return true end
+  end
+  return false
+end
+"#;
+
+async fn broker_with(filters: &[(&str, &str)]) -> Broker {
+    let set = FilterSet::empty(FilterLimits {
+        instructions: 100_000,
+        memory_bytes: 16 << 20,
+    });
+    for (name, source) in filters {
+        set.insert(name, &format!("{name}.lua"), (*source).to_owned())
+            .unwrap();
+    }
+    Broker::start_with(ServerConfig {
+        filters: Arc::new(set),
+        ..ServerConfig::default()
+    })
+    .await
+}
+
+struct Stream {
+    requests: mpsc::Sender<pb::SubscribeRequest>,
+    responses: Streaming<pb::SubscribeResponse>,
+}
+
+impl Stream {
+    async fn open(client: &mut BrokerClient<Channel>) -> Stream {
+        let (requests, receiver) = mpsc::channel(64);
+        let responses = client
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .unwrap()
+            .into_inner();
+        Stream {
+            requests,
+            responses,
+        }
+    }
+
+    async fn add(
+        &mut self,
+        id: u64,
+        topic: &str,
+        filter: &str,
+        context: &[(&str, &str)],
+    ) -> pb::SubscriptionUpdate {
+        let command = pb::subscribe_request::Command::Add(pb::Subscription {
+            id,
+            topic: topic.into(),
+            start: Some(pb::StartPosition {
+                start: Some(pb::start_position::Start::Latest(pb::Latest {})),
+            }),
+            filter: filter.into(),
+            context: context
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        });
+        self.requests
+            .send(pb::SubscribeRequest {
+                command: Some(command),
+            })
+            .await
+            .unwrap();
+        match self.next().await {
+            Event::Update(update) => update,
+            other => panic!("expected an update, got {other:?}"),
+        }
+    }
+
+    async fn update_context(&self, id: u64, context: &[(&str, &str)]) {
+        let command = pb::subscribe_request::Command::UpdateContext(pb::UpdateContext {
+            id,
+            context: context
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        });
+        self.requests
+            .send(pb::SubscribeRequest {
+                command: Some(command),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), self.responses.message())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap()
+            .event
+            .unwrap()
+    }
+
+    async fn deliveries(&mut self, count: usize) -> Vec<pb::Delivery> {
+        let mut all = Vec::new();
+        while all.len() < count {
+            match self.next().await {
+                Event::Deliveries(batch) => all.extend(batch.deliveries),
+                Event::Update(update) => panic!("unexpected update {update:?}"),
+            }
+        }
+        all
+    }
+}
+
+fn message(channel: &str, text: &str) -> pb::PublishRecord {
+    pb::PublishRecord {
+        topic: "guild.1".into(),
+        headers: vec![
+            pb::Header {
+                key: "type".into(),
+                value: "MESSAGE_CREATE".into(),
+            },
+            pb::Header {
+                key: "channel_id".into(),
+                value: channel.into(),
+            },
+        ],
+        payload: text.to_owned().into(),
+    }
+}
+
+fn ids(delivery: &pb::Delivery) -> Vec<u64> {
+    let mut ids = delivery.subscription_ids.clone();
+    ids.sort_unstable();
+    ids
+}
+
+#[tokio::test]
+async fn one_delivery_per_stream_lists_exactly_the_subscriptions_whose_filter_passes() {
+    let broker = broker_with(&[("channels", CHANNEL_FILTER)]).await;
+    let mut client = broker.client().await;
+    let mut stream = Stream::open(&mut client).await;
+    assert!(matches!(
+        stream.add(1, "guild.1", "", &[]).await.state,
+        Some(State::Started(_))
+    ));
+    stream
+        .add(2, "guild.1", "channels", &[("channels", "10,11")])
+        .await;
+    stream
+        .add(3, "guild.1", "channels", &[("channels", "11")])
+        .await;
+    stream
+        .add(4, "guild.1", "channels", &[("channels", "10,11")])
+        .await;
+    let records = vec![message("10", "a"), message("11", "b"), message("12", "c")];
+    client
+        .publish(publish(1, records, pb::AckLevel::Written))
+        .await
+        .unwrap();
+    let got = stream.deliveries(3).await;
+    assert_eq!(ids(&got[0]), vec![1, 2, 4], "channel 10");
+    assert_eq!(ids(&got[1]), vec![1, 2, 3, 4], "channel 11");
+    assert_eq!(
+        ids(&got[2]),
+        vec![1],
+        "channel 12: only the unfiltered subscription"
+    );
+
+    // A role change: the context update applies from the next record on.
+    stream.update_context(3, &[("channels", "12")]).await;
+    client
+        .publish(publish(
+            2,
+            vec![message("12", "d"), message("11", "e")],
+            pb::AckLevel::Written,
+        ))
+        .await
+        .unwrap();
+    let got = stream.deliveries(2).await;
+    assert_eq!(ids(&got[0]), vec![1, 3]);
+    assert_eq!(ids(&got[1]), vec![1, 2, 4]);
+
+    // Evaluations were shared: subscriptions 2 and 4 have equal contexts.
+    let stats = &broker_filters_stats(&broker, "channels");
+    assert_eq!(
+        stats.0,
+        3 + 3 + 2 * 2,
+        "evaluations (shared for equal contexts)"
+    );
+    broker.stop().await;
+}
+
+/// (evaluations, errors) of filter `name`.
+fn broker_filters_stats(broker: &Broker, name: &str) -> (u64, u64) {
+    let stats = broker.filters().stats();
+    let (_, stats) = stats
+        .iter()
+        .find(|(n, _)| n == name)
+        .expect("the filter is loaded");
+    use std::sync::atomic::Ordering::Relaxed;
+    (stats.evaluations.load(Relaxed), stats.errors.load(Relaxed))
+}
+
+#[tokio::test]
+async fn unknown_filters_are_refused() {
+    let broker = broker_with(&[("channels", CHANNEL_FILTER)]).await;
+    let mut client = broker.client().await;
+    let mut stream = Stream::open(&mut client).await;
+    match stream.add(1, "guild.1", "nope", &[]).await.state {
+        Some(State::Error(error)) => {
+            assert_eq!(Code::from_i32(error.code), Code::NotFound);
+            assert!(error.message.contains("channels"), "{}", error.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_filters_withhold_only_their_own_deliveries() {
+    let hostile = [
+        ("syntax", "return function(e) return ( end"),
+        ("runtime", "return function() error('boom') end"),
+        ("spin", "return function() while true do end end"),
+        (
+            "memory",
+            "return function() local t = {} for i = 1, 1000 do t[i] = string.rep('x', 1048576) .. i end end",
+        ),
+        (
+            "os",
+            "return function() os.execute('touch /tmp/switchyard-pwned') return true end",
+        ),
+        (
+            "io",
+            "return function() return io.open('/etc/passwd') ~= nil end",
+        ),
+        (
+            "require",
+            "return function() return require('os') ~= nil end",
+        ),
+        (
+            "bytecode",
+            "return function() return load(string.dump(function() return true end))() end",
+        ),
+        (
+            "rep",
+            "return function() return #string.rep('x', 1 << 32) > 0 end",
+        ),
+        (
+            "recursion",
+            "local function f(n) return f(n + 1) + 1 end return function() return f(1) end",
+        ),
+    ];
+    let set = FilterSet::empty(FilterLimits {
+        instructions: 100_000,
+        memory_bytes: 16 << 20,
+    });
+    // The syntax error is refused at load, with file and line.
+    let error = set
+        .insert("syntax", "syntax.lua", hostile[0].1.into())
+        .unwrap_err();
+    assert!(error.message.contains("syntax.lua:1:"), "{error}");
+    for (name, source) in &hostile[1..] {
+        set.insert(name, &format!("{name}.lua"), (*source).to_owned())
+            .unwrap();
+    }
+    set.insert(
+        "allow",
+        "allow.lua",
+        "return function() return true end".into(),
+    )
+    .unwrap();
+    let broker = Broker::start_with(ServerConfig {
+        filters: Arc::new(set),
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut client = broker.client().await;
+    let mut stream = Stream::open(&mut client).await;
+    for (i, (name, _)) in hostile[1..].iter().enumerate() {
+        assert!(matches!(
+            stream.add(i as u64 + 10, "guild.1", name, &[]).await.state,
+            Some(State::Started(_))
+        ));
+    }
+    stream.add(1, "guild.1", "allow", &[]).await;
+    stream.add(2, "guild.1", "", &[]).await;
+    for round in 0..3 {
+        client
+            .publish(publish(
+                round,
+                vec![message("10", "x")],
+                pb::AckLevel::Written,
+            ))
+            .await
+            .unwrap();
+        let got = stream.deliveries(1).await;
+        assert_eq!(
+            ids(&got[0]),
+            vec![1, 2],
+            "only the sound subscriptions receive it"
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/switchyard-pwned").exists());
+    for (name, _) in &hostile[1..] {
+        let (evaluations, errors) = broker_filters_stats(&broker, name);
+        assert_eq!(
+            (evaluations, errors),
+            (3, 3),
+            "{name}: every call failed and was counted"
+        );
+    }
+    // The broker still serves everything else.
+    let health = client
+        .health(pb::HealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status(), pb::health_response::Status::Serving);
+    broker.stop().await;
+}
