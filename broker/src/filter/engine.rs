@@ -58,7 +58,7 @@ pub struct Engine {
     contexts: HashMap<u64, RegistryKey>,
     /// The event table, refilled only when the event changes.
     event: Table,
-    event_key: Option<(String, u64)>,
+    event_key: Option<u64>,
     subscription: Table,
     /// Instruction checks left for the running call.
     budget: Rc<Cell<u32>>,
@@ -202,11 +202,7 @@ impl Engine {
     }
 
     fn set_event(&mut self, event: &EventView<'_>) -> mlua::Result<()> {
-        if self
-            .event_key
-            .as_ref()
-            .is_some_and(|(t, o)| t == event.topic && *o == event.offset)
-        {
+        if self.event_key == Some(event.key) {
             return Ok(());
         }
         let table = &self.event;
@@ -222,7 +218,7 @@ impl Engine {
         table.raw_set("headers", headers)?;
         table.raw_set("payload", self.lua.create_string(event.payload)?)?;
         table.raw_set("_json", Value::Nil)?;
-        self.event_key = Some((event.topic.to_owned(), event.offset));
+        self.event_key = Some(event.key);
         Ok(())
     }
 

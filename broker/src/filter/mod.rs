@@ -4,11 +4,13 @@
 //! # Layout
 //! - this file: the narrow interface — [`FilterSet`] (the filters loaded from a
 //!   directory, reloadable), [`Context`], [`EventView`], [`evaluate`].
+//! - [`cases`]: running a filter's test cases (`switchyard filter test`).
 //! - [`engine`] (private): one sandboxed Lua 5.4 state per thread; the only place
 //!   that knows mlua.
 //!
 //! The filter API, the sandbox and the limits are documented in `docs/filters.md`.
 
+pub mod cases;
 mod engine;
 
 use std::collections::{BTreeMap, HashMap};
@@ -61,11 +63,24 @@ pub enum EvalError {
 /// A record as a filter sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct EventView<'a> {
+    /// Names this record for the engine: calls with the same key must carry the same
+    /// record (its Lua table and decoded JSON are then reused). Take a fresh one from
+    /// [`EventView::new_key`] for every record.
+    pub key: u64,
     pub topic: &'a str,
     pub offset: u64,
     pub timestamp_ms: u64,
     pub headers: &'a [(String, String)],
     pub payload: &'a [u8],
+}
+
+static NEXT_EVENT: AtomicU64 = AtomicU64::new(1);
+
+impl EventView<'_> {
+    /// A key no other record has.
+    pub fn new_key() -> u64 {
+        NEXT_EVENT.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// What a filter knows of a subscriber (roles, user id, ...). Immutable; a context
@@ -412,6 +427,7 @@ mod tests {
 
     fn event<'a>(headers: &'a [(String, String)], payload: &'a [u8]) -> EventView<'a> {
         EventView {
+            key: EventView::new_key(),
             topic: "guild.1",
             offset: 7,
             timestamp_ms: 1,

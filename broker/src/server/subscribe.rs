@@ -581,8 +581,8 @@ impl SubscriberStream {
 struct Verdicts {
     /// (filter, context hash) → the contexts evaluated and their verdicts.
     known: HashMap<(String, u64), Vec<(Context, bool)>>,
-    /// The record's headers as the filter API takes them, made once.
-    headers: Option<Vec<(String, String)>>,
+    /// The record's headers as the filter API takes them, and its key, made once.
+    headers: Option<(Vec<(String, String)>, u64)>,
 }
 
 impl Verdicts {
@@ -606,14 +606,16 @@ impl Verdicts {
         }
         let verdict = match filters.get(name) {
             Some(filter) => {
-                let headers = self.headers.get_or_insert_with(|| {
-                    delivery
+                let (headers, key) = self.headers.get_or_insert_with(|| {
+                    let headers = delivery
                         .headers
                         .iter()
                         .map(|h| (h.key.clone(), h.value.clone()))
-                        .collect()
+                        .collect();
+                    (headers, EventView::new_key())
                 });
                 let event = EventView {
+                    key: *key,
                     topic: &delivery.topic,
                     offset: delivery.offset,
                     timestamp_ms: delivery.timestamp_ms,
