@@ -22,6 +22,10 @@ struct Process {
 impl Process {
     /// Starts the broker on a free loopback port and waits for its "listening" line.
     fn start(data_dir: &Path) -> Process {
+        Self::start_with(data_dir, &[])
+    }
+
+    fn start_with(data_dir: &Path, extra: &[&str]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args([
                 "serve",
@@ -34,6 +38,7 @@ impl Process {
             ])
             .arg("--data-dir")
             .arg(data_dir)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -275,4 +280,99 @@ fn sigterm_stops_the_broker_cleanly_with_everything_synced() {
     let (ok, out, _) = cli(&broker, &["fetch", "guild.1"], "");
     assert!(ok);
     assert!(out.ends_with(" kept\n"), "{out}");
+}
+
+#[test]
+fn filters_from_the_command_line_check_test_reload_and_filter() {
+    let lua_filters = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua-filters");
+    let dir = tempfile::tempdir().unwrap();
+    let filters = dir.path().join("filters");
+    std::fs::create_dir(&filters).unwrap();
+    std::fs::copy(lua_filters.join("intents.lua"), filters.join("intents.lua")).unwrap();
+    let broker = Process::start_with(
+        &dir.path().join("data"),
+        &[
+            "--filters-dir",
+            filters.to_str().unwrap(),
+            "--filters-reload",
+            "off",
+        ],
+    );
+    // check and test run locally.
+    let intents = lua_filters.join("intents.lua");
+    let (ok, out, _) = cli(&broker, &["filter", "check", intents.to_str().unwrap()], "");
+    assert!(ok && out.ends_with(": ok\n"), "{out}");
+    let broken = dir.path().join("broken.lua");
+    std::fs::write(&broken, "return function(e)\n  return (\nend").unwrap();
+    let (ok, _, err) = cli(&broker, &["filter", "check", broken.to_str().unwrap()], "");
+    assert!(!ok);
+    assert!(err.contains("broken.lua:3:"), "{err}");
+    let cases = lua_filters.join("cases/intents.json");
+    let (ok, out, _) = cli(
+        &broker,
+        &[
+            "filter",
+            "test",
+            intents.to_str().unwrap(),
+            "--cases",
+            cases.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("9 passed, 0 failed"), "{out}");
+
+    // A filtered subscriber sees only what its intents allow.
+    let mut sub = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "sub",
+            "guild.9",
+            "--from",
+            "earliest",
+            "--count",
+            "2",
+            "--filter",
+            "intents",
+            "-c",
+            "intents=512",
+        ])
+        .env("SWITCHYARD_BROKER", format!("http://{}", broker.address))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    for (kind, text) in [
+        ("TYPING_START", "typing"),
+        ("MESSAGE_CREATE", "one"),
+        ("PRESENCE_UPDATE", "away"),
+        ("MESSAGE_CREATE", "two"),
+    ] {
+        let header = format!("type={kind}");
+        assert!(cli(&broker, &["pub", "guild.9", text, "-H", &header], "").0);
+    }
+    let output = sub.wait_with_output().unwrap();
+    let out = String::from_utf8(output.stdout).unwrap();
+    let payloads: Vec<&str> = out.lines().map(|l| l.rsplit(' ').next().unwrap()).collect();
+    assert_eq!(payloads, vec!["one", "two"]);
+
+    // Reload on request: a new filter serves, a broken one is refused.
+    std::fs::write(
+        filters.join("deny.lua"),
+        "return function() return false end",
+    )
+    .unwrap();
+    let (ok, out, _) = cli(&broker, &["filter", "reload"], "");
+    assert!(ok, "{out}");
+    assert!(out.contains("deny") && out.contains("intents"), "{out}");
+    std::fs::write(filters.join("deny.lua"), "return function() return ( end").unwrap();
+    let (ok, out, _) = cli(&broker, &["filter", "reload"], "");
+    assert!(!ok);
+    assert!(
+        out.contains("refused:") && out.contains("deny.lua:1:"),
+        "{out}"
+    );
+    assert!(
+        out.contains("serving: deny, intents"),
+        "the old version keeps serving: {out}"
+    );
 }

@@ -77,6 +77,23 @@ impl Client {
         }))
     }
 
+    /// Asks the broker to reload its filter directory now. Returns the filters
+    /// serving afterwards and the files refused (`file: message`).
+    pub async fn reload_filters(&self) -> Result<(Vec<String>, Vec<String>), ClientError> {
+        let report = self
+            .inner
+            .clone()
+            .reload_filters(pb::ReloadFiltersRequest {})
+            .await?
+            .into_inner();
+        let failed = report
+            .failed
+            .into_iter()
+            .map(|e| format!("{}: {}", e.file, e.message))
+            .collect();
+        Ok((report.serving, failed))
+    }
+
     /// Whether the broker is serving, and its version.
     pub async fn health(&self) -> Result<(bool, String), ClientError> {
         let health = self

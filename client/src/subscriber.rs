@@ -115,6 +115,8 @@ enum Command {
         id: u64,
         topic: String,
         start: Start,
+        filter: String,
+        context: HashMap<String, String>,
     },
     Remove {
         id: u64,
@@ -129,6 +131,7 @@ enum Command {
 struct Entry {
     topic: String,
     start: Start,
+    filter: String,
     context: HashMap<String, String>,
     /// Where to resume: after the last record delivered (or the live start).
     resume: Option<Position>,
@@ -184,6 +187,29 @@ impl Subscriber {
                 id,
                 topic: topic.into(),
                 start,
+                filter: String::new(),
+                context: HashMap::new(),
+            })
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// Like [`Subscriber::subscribe`], with a delivery filter loaded in the broker and
+    /// what it knows of the subscriber (see `docs/filters.md`).
+    pub async fn subscribe_filtered(
+        &self,
+        id: u64,
+        topic: impl Into<String>,
+        start: Start,
+        filter: impl Into<String>,
+        context: HashMap<String, String>,
+    ) -> Result<(), ClientError> {
+        self.commands
+            .send(Command::Add {
+                id,
+                topic: topic.into(),
+                start,
+                filter: filter.into(),
+                context,
             })
             .map_err(|_| ClientError::Closed)
     }
@@ -240,7 +266,7 @@ fn add_request(id: u64, entry: &Entry) -> pb::SubscribeRequest {
             id,
             topic: entry.topic.clone(),
             start: Some(pb::StartPosition { start: Some(start) }),
-            filter: String::new(),
+            filter: entry.filter.clone(),
             context: entry.context.clone(),
         })),
     }
@@ -329,7 +355,13 @@ impl Dispatcher {
 
     async fn command(&mut self, command: Command) -> bool {
         match command {
-            Command::Add { id, topic, start } => {
+            Command::Add {
+                id,
+                topic,
+                start,
+                filter,
+                context,
+            } => {
                 if self.entries.contains_key(&id) {
                     // Still in use (or its removal is not confirmed yet): refused here, so
                     // the subscription that has the id keeps its state.
@@ -348,7 +380,8 @@ impl Dispatcher {
                 let entry = Entry {
                     topic,
                     start,
-                    context: HashMap::new(),
+                    filter,
+                    context,
                     resume: None,
                     removing: false,
                 };

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::filter::FilterSet;
 use crate::server::hub::HubStats;
 use crate::storage::Store;
 
@@ -17,6 +18,7 @@ use crate::storage::Store;
 pub struct MetricsSource {
     pub store: Store,
     pub hub: Arc<HubStats>,
+    pub filters: Arc<FilterSet>,
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
@@ -122,6 +124,26 @@ pub fn render(source: &MetricsSource) -> String {
         "Live deliveries queued to streams (one per record per stream).",
         hub.deliveries.load(Ordering::Relaxed),
     );
+    for (name, help, pick) in [
+        ("switchyard_filter_evaluations_total", "Filter calls.", 0),
+        (
+            "switchyard_filter_denials_total",
+            "Filter calls that withheld a record.",
+            1,
+        ),
+        (
+            "switchyard_filter_errors_total",
+            "Filter calls that failed (record withheld).",
+            2,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (filter, stats) in source.filters.stats() {
+            let value =
+                [&stats.evaluations, &stats.denials, &stats.errors][pick].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}{{filter=\"{filter}\"}} {value}");
+        }
+    }
     metric(
         &mut out,
         "switchyard_slow_consumer_cutoffs_total",

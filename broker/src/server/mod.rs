@@ -94,6 +94,7 @@ pub async fn run(
         let source = metrics::MetricsSource {
             store,
             hub: service.hub_stats(),
+            filters: service.config().filters.clone(),
         };
         let mut stop = stopping.subscribe();
         tokio::spawn(async move {

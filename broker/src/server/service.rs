@@ -288,6 +288,36 @@ impl pb::broker_server::Broker for BrokerService {
         Ok(Response::new(convert::topic_info(info)))
     }
 
+    async fn reload_filters(
+        &self,
+        _request: Request<pb::ReloadFiltersRequest>,
+    ) -> Result<Response<pb::ReloadFiltersResponse>, Status> {
+        let filters = self.config.filters.clone();
+        let report = tokio::task::spawn_blocking(move || filters.reload())
+            .await
+            .map_err(|e| Status::internal(format!("reloading filters: {e}")))?;
+        tracing::info!(loaded = ?report.loaded, failed = report.failed.len(), removed = ?report.removed, "filters reloaded on request");
+        Ok(Response::new(pb::ReloadFiltersResponse {
+            loaded: report.loaded,
+            failed: report
+                .failed
+                .into_iter()
+                .map(|e| pb::FilterError {
+                    file: e.file,
+                    message: e.message,
+                })
+                .collect(),
+            removed: report.removed,
+            serving: self
+                .config
+                .filters
+                .stats()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
+        }))
+    }
+
     async fn health(
         &self,
         _request: Request<pb::HealthRequest>,

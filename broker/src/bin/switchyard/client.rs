@@ -50,6 +50,12 @@ pub struct SubArgs {
     /// Exit after this many deliveries.
     #[arg(long)]
     count: Option<u64>,
+    /// A delivery filter loaded in the broker (e.g. channel_permissions).
+    #[arg(long)]
+    filter: Option<String>,
+    /// What the filter knows of the subscriber, KEY=VALUE (repeatable).
+    #[arg(long = "context", short = 'c')]
+    context: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -165,10 +171,27 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<()> {
     let mut subscriber = Subscriber::connect(&args.broker.broker)
         .await
         .with_context(|| connect_hint(&args.broker.broker))?;
+    let context: std::collections::HashMap<String, String> =
+        parse_headers(&args.context)?.into_iter().collect();
     for (id, topic) in args.topics.iter().enumerate() {
-        subscriber
-            .subscribe(id as u64, topic.clone(), start)
-            .await?;
+        match &args.filter {
+            Some(filter) => {
+                subscriber
+                    .subscribe_filtered(
+                        id as u64,
+                        topic.clone(),
+                        start,
+                        filter.clone(),
+                        context.clone(),
+                    )
+                    .await?
+            }
+            None => {
+                subscriber
+                    .subscribe(id as u64, topic.clone(), start)
+                    .await?
+            }
+        }
     }
     let mut delivered = 0u64;
     while let Some(event) = subscriber.next().await {
@@ -231,6 +254,80 @@ pub async fn topic(command: TopicCommand) -> anyhow::Result<()> {
             info.epoch, info.earliest_offset, info.next_offset, info.latest_timestamp_ms
         ),
         None => println!("{topic}: no records"),
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum FilterCommand {
+    /// Compile a filter file as the broker would; prints the error with its line.
+    Check {
+        /// The filter file (NAME.lua).
+        file: std::path::PathBuf,
+    },
+    /// Run a filter against a JSON file of cases and report each.
+    Test {
+        file: std::path::PathBuf,
+        /// The cases: [{"name", "event": {topic, headers, payload}, "subscription":
+        /// {id, context}, "expect": true|false}, ...]
+        #[arg(long)]
+        cases: std::path::PathBuf,
+    },
+    /// Ask the broker to reload its filter directory now.
+    Reload {
+        #[command(flatten)]
+        broker: BrokerArg,
+    },
+}
+
+pub async fn filter(command: FilterCommand) -> anyhow::Result<()> {
+    use switchyard_broker::filter::{FilterLimits, cases, check_source};
+    match command {
+        FilterCommand::Check { file } => {
+            let source = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            check_source(
+                &file.display().to_string(),
+                &source,
+                FilterLimits::default(),
+            )?;
+            println!("{}: ok", file.display());
+        }
+        FilterCommand::Test {
+            file,
+            cases: cases_file,
+        } => {
+            let results = cases::run(&file, &cases_file, FilterLimits::default())
+                .map_err(anyhow::Error::msg)?;
+            let failed = results.iter().filter(|r| !r.passed).count();
+            for result in &results {
+                if result.passed {
+                    println!("ok    {}", result.name);
+                } else {
+                    println!("FAIL  {}: {}", result.name, result.detail);
+                }
+            }
+            println!("{} passed, {failed} failed", results.len() - failed);
+            if failed > 0 {
+                bail!("{failed} of {} cases failed", results.len());
+            }
+        }
+        FilterCommand::Reload { broker } => {
+            let client = Client::connect(&broker.broker)
+                .await
+                .with_context(|| connect_hint(&broker.broker))?;
+            let (serving, failed) = client.reload_filters().await?;
+            println!("serving: {}", serving.join(", "));
+            for failure in &failed {
+                println!("refused: {failure}");
+            }
+            if !failed.is_empty() {
+                bail!(
+                    "{} filter files were refused (their previous versions keep serving)",
+                    failed.len()
+                );
+            }
+        }
     }
     Ok(())
 }

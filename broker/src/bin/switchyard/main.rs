@@ -37,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         command: client::TopicCommand,
     },
+    /// Check, test and reload Lua delivery filters.
+    Filter {
+        #[command(subcommand)]
+        command: client::FilterCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
             Command::Sub(args) => runtime.block_on(client::subscribe(args)),
             Command::Fetch(args) => runtime.block_on(client::fetch(args)),
             Command::Topic { command } => runtime.block_on(client::topic(command)),
+            Command::Filter { command } => runtime.block_on(client::filter(command)),
         });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use std::sync::Arc;
+
+use switchyard_broker::filter::{FilterLimits, FilterSet};
 use switchyard_broker::server::{self, ServerConfig};
 use switchyard_broker::storage::{FsyncPolicy, Retention, Store, StoreConfig};
 
@@ -65,6 +68,23 @@ pub struct ServeArgs {
         default_value_t = 1_000_000
     )]
     max_subscriptions_per_stream: usize,
+    /// Directory of Lua delivery filters (NAME.lua is filter NAME); missing is fine.
+    #[arg(long, env = "SWITCHYARD_FILTERS_DIR", default_value = "lua-filters")]
+    filters_dir: PathBuf,
+    /// How often to look for changed filter files (e.g. 2s); "off" to reload only on
+    /// request (`switchyard filter reload`).
+    #[arg(long, env = "SWITCHYARD_FILTERS_RELOAD", default_value = "2s")]
+    filters_reload: String,
+    /// Lua instructions one filter call may run.
+    #[arg(
+        long,
+        env = "SWITCHYARD_FILTER_INSTRUCTIONS",
+        default_value_t = 100_000
+    )]
+    filter_instructions: u32,
+    /// Memory of each thread's Lua state, in MiB.
+    #[arg(long, env = "SWITCHYARD_FILTER_MEMORY_MIB", default_value_t = 64)]
+    filter_memory_mib: usize,
 }
 
 /// The settings, checked.
@@ -74,6 +94,9 @@ struct Settings {
     server: ServerConfig,
     listen: SocketAddr,
     metrics_listen: Option<SocketAddr>,
+    filters_dir: PathBuf,
+    filters_reload: Option<Duration>,
+    filter_limits: FilterLimits,
 }
 
 fn parse_duration(text: &str) -> anyhow::Result<Duration> {
@@ -94,6 +117,10 @@ impl ServeArgs {
         let retention_age = match self.retention_age.as_str() {
             "off" => None,
             age => Some(parse_duration(age)?),
+        };
+        let filters_reload = match self.filters_reload.as_str() {
+            "off" => None,
+            every => Some(parse_duration(every)?),
         };
         let metrics_listen = match self.metrics_listen.as_str() {
             "off" => None,
@@ -128,6 +155,12 @@ impl ServeArgs {
             },
             listen: self.listen,
             metrics_listen,
+            filters_dir: self.filters_dir,
+            filters_reload,
+            filter_limits: FilterLimits {
+                instructions: self.filter_instructions,
+                memory_bytes: self.filter_memory_mib << 20,
+            },
         })
     }
 }
@@ -143,7 +176,17 @@ async fn shutdown_signal() {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let settings = args.validate()?;
+    let mut settings = args.validate()?;
+    let (filters, report) = FilterSet::load(&settings.filters_dir, settings.filter_limits);
+    for error in &report.failed {
+        tracing::error!(%error, "filter refused");
+    }
+    tracing::info!(dir = %settings.filters_dir.display(), loaded = ?report.loaded, "delivery filters");
+    let filters = Arc::new(filters);
+    settings.server.filters = filters.clone();
+    let watcher = settings
+        .filters_reload
+        .map(|every| tokio::spawn(filters.clone().watch(every, std::future::pending())));
     let data_dir = settings.store.data_dir.clone();
     let store = Store::open(settings.store)
         .with_context(|| format!("opening the data directory {}", data_dir.display()))?;
@@ -175,6 +218,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await?;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     tokio::task::spawn_blocking(move || store.close()).await??;
     Ok(())
 }
