@@ -323,7 +323,7 @@ fn filters_from_the_command_line_check_test_reload_and_filter() {
     assert!(out.contains("9 passed, 0 failed"), "{out}");
 
     // A filtered subscriber sees only what its intents allow.
-    let mut sub = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+    let sub = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args([
             "sub",
             "guild.9",
