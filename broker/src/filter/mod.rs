@@ -397,6 +397,44 @@ pub fn evaluate(
     result
 }
 
+/// Verdicts for one record across many subscriptions: subscriptions with the same
+/// filter and equal contexts share one evaluation. Make one per record.
+#[derive(Debug, Default)]
+pub struct SharedVerdicts {
+    /// (filter, context hash) → the contexts evaluated and their verdicts.
+    known: HashMap<(String, u64), Vec<(Context, bool)>>,
+}
+
+impl SharedVerdicts {
+    /// Whether a subscription with filter `name` and `context` may receive `event`. A
+    /// filter that fails, or is no longer loaded, withholds the record.
+    pub fn allows(
+        &mut self,
+        filters: &FilterSet,
+        name: &str,
+        context: &Context,
+        subscription_id: u64,
+        event: &EventView<'_>,
+    ) -> bool {
+        let key = (name.to_owned(), context.content_hash());
+        if let Some(known) = self.known.get(&key)
+            && let Some((_, verdict)) = known.iter().find(|(c, _)| c == context)
+        {
+            return *verdict;
+        }
+        let verdict = match filters.get(name) {
+            Some(filter) => evaluate(&filter, filters.limits(), event, subscription_id, context)
+                .unwrap_or(false),
+            None => false,
+        };
+        self.known
+            .entry(key)
+            .or_default()
+            .push((context.clone(), verdict));
+        verdict
+    }
+}
+
 /// Times one call, for benchmarks and the `filter test` command.
 pub fn time_evaluation(
     filter: &LoadedFilter,

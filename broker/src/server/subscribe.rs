@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::{Code, Status, Streaming};
 
-use crate::filter::{Context, EventView, FilterSet};
+use crate::filter::{Context, EventView, FilterSet, SharedVerdicts};
 use crate::server::convert;
 use crate::server::hub::{LiveEvent, StreamSink, SubscriptionHub, delivery_bytes};
 use crate::server::status::read_status;
@@ -575,19 +575,17 @@ impl SubscriberStream {
     }
 }
 
-/// Filter verdicts for one record: subscriptions with the same filter and equal
-/// contexts share one evaluation.
+/// Filter verdicts for one record (see [`SharedVerdicts`]), with the record in the
+/// form the filter API takes, made once.
 #[derive(Default)]
 struct Verdicts {
-    /// (filter, context hash) → the contexts evaluated and their verdicts.
-    known: HashMap<(String, u64), Vec<(Context, bool)>>,
-    /// The record's headers as the filter API takes them, and its key, made once.
+    shared: SharedVerdicts,
+    /// The record's headers and its key for the filter engine.
     headers: Option<(Vec<(String, String)>, u64)>,
 }
 
 impl Verdicts {
-    /// Whether `subscription` (id `id`) may receive `delivery`. A filter that fails
-    /// withholds the record (the error is counted and logged by the filter module).
+    /// Whether `subscription` (id `id`) may receive `delivery`.
     fn allows(
         &mut self,
         filters: &FilterSet,
@@ -598,47 +596,24 @@ impl Verdicts {
         let Some(name) = &subscription.filter else {
             return true;
         };
-        let key = (name.clone(), subscription.context.content_hash());
-        if let Some(known) = self.known.get(&key)
-            && let Some((_, verdict)) = known.iter().find(|(c, _)| *c == subscription.context)
-        {
-            return *verdict;
-        }
-        let verdict = match filters.get(name) {
-            Some(filter) => {
-                let (headers, key) = self.headers.get_or_insert_with(|| {
-                    let headers = delivery
-                        .headers
-                        .iter()
-                        .map(|h| (h.key.clone(), h.value.clone()))
-                        .collect();
-                    (headers, EventView::new_key())
-                });
-                let event = EventView {
-                    key: *key,
-                    topic: &delivery.topic,
-                    offset: delivery.offset,
-                    timestamp_ms: delivery.timestamp_ms,
-                    headers,
-                    payload: &delivery.payload,
-                };
-                crate::filter::evaluate(
-                    &filter,
-                    filters.limits(),
-                    &event,
-                    id,
-                    &subscription.context,
-                )
-                .unwrap_or(false)
-            }
-            // Unloaded since the subscription was made: nothing passes.
-            None => false,
+        let (headers, key) = self.headers.get_or_insert_with(|| {
+            let headers = delivery
+                .headers
+                .iter()
+                .map(|h| (h.key.clone(), h.value.clone()))
+                .collect();
+            (headers, EventView::new_key())
+        });
+        let event = EventView {
+            key: *key,
+            topic: &delivery.topic,
+            offset: delivery.offset,
+            timestamp_ms: delivery.timestamp_ms,
+            headers,
+            payload: &delivery.payload,
         };
-        self.known
-            .entry(key)
-            .or_default()
-            .push((subscription.context.clone(), verdict));
-        verdict
+        self.shared
+            .allows(filters, name, &subscription.context, id, &event)
     }
 }
 
