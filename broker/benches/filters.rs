@@ -36,11 +36,16 @@ fn fan_out(c: &mut Criterion) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua-filters");
     let source = std::fs::read_to_string(root.join("channel_permissions.lua")).unwrap();
     let filters = FilterSet::empty(FilterLimits::default());
-    filters.insert("channel_permissions", "channel_permissions.lua", source).unwrap();
+    filters
+        .insert("channel_permissions", "channel_permissions.lua", source)
+        .unwrap();
     let headers = vec![
         ("type".to_owned(), "MESSAGE_CREATE".to_owned()),
         ("channel_id".to_owned(), "10".to_owned()),
-        ("overwrites".to_owned(), "1:0:1024,21:1024:0,1005:0:1024".to_owned()),
+        (
+            "overwrites".to_owned(),
+            "1:0:1024,21:1024:0,1005:0:1024".to_owned(),
+        ),
     ];
     let payload = br#"{"content":"hello","author":{"id":"7"}}"#;
     let mut group = c.benchmark_group("filter_fan_out");
@@ -60,7 +65,8 @@ fn fan_out(c: &mut Criterion) {
                 let mut verdicts = SharedVerdicts::default();
                 let mut delivered = 0usize;
                 for (id, context) in contexts.iter().enumerate() {
-                    if verdicts.allows(&filters, "channel_permissions", context, id as u64, &event) {
+                    if verdicts.allows(&filters, "channel_permissions", context, id as u64, &event)
+                    {
                         delivered += 1;
                     }
                 }

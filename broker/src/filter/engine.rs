@@ -56,8 +56,10 @@ pub struct Engine {
     filters: HashMap<String, Compiled>,
     /// Context tables by context id.
     contexts: HashMap<u64, RegistryKey>,
-    /// The event table, refilled only when the event changes.
+    /// The current record's table, made anew when the record changes.
     event: Table,
+    /// `event:json()`, shared by every event table.
+    json: Function,
     event_key: Option<u64>,
     subscription: Table,
     /// Instruction checks left for the running call.
@@ -139,7 +141,6 @@ impl Engine {
             Ok(value)
         })?;
         let event = lua.create_table()?;
-        event.raw_set("json", json)?;
         let subscription = lua.create_table()?;
         Ok(Engine {
             lua,
@@ -147,6 +148,7 @@ impl Engine {
             filters: HashMap::new(),
             contexts: HashMap::new(),
             event,
+            json,
             event_key: None,
             subscription,
             budget,
@@ -201,11 +203,15 @@ impl Engine {
         Ok(function)
     }
 
+    /// Makes the event table for a new record (a fresh table per record, so what a
+    /// filter memoizes in it never outlives the record; reused for every subscription
+    /// evaluated on the record).
     fn set_event(&mut self, event: &EventView<'_>) -> mlua::Result<()> {
         if self.event_key == Some(event.key) {
             return Ok(());
         }
-        let table = &self.event;
+        let table = self.lua.create_table_with_capacity(0, 8)?;
+        table.raw_set("json", self.json.clone())?;
         table.raw_set("topic", event.topic)?;
         table.raw_set("offset", event.offset)?;
         table.raw_set("timestamp", event.timestamp_ms)?;
@@ -217,7 +223,7 @@ impl Engine {
         }
         table.raw_set("headers", headers)?;
         table.raw_set("payload", self.lua.create_string(event.payload)?)?;
-        table.raw_set("_json", Value::Nil)?;
+        self.event = table;
         self.event_key = Some(event.key);
         Ok(())
     }

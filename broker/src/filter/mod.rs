@@ -96,15 +96,39 @@ pub struct Context {
 
 static NEXT_CONTEXT: AtomicU64 = AtomicU64::new(1);
 
+/// Live contexts by content hash, so that equal contexts share one map and compare
+/// by pointer.
+type Interned = std::sync::Mutex<HashMap<u64, Vec<std::sync::Weak<BTreeMap<String, String>>>>>;
+static INTERNED: std::sync::LazyLock<Interned> = std::sync::LazyLock::new(Default::default);
+
 impl Context {
     pub fn new(values: impl IntoIterator<Item = (String, String)>) -> Self {
         let values: BTreeMap<String, String> = values.into_iter().collect();
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         values.hash(&mut hasher);
+        let hash = hasher.finish();
+        let mut interned = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
+        let same = interned.entry(hash).or_default();
+        same.retain(|weak| weak.strong_count() > 0);
+        let values = match same
+            .iter()
+            .filter_map(|weak| weak.upgrade())
+            .find(|v| **v == values)
+        {
+            Some(existing) => existing,
+            None => {
+                let values = Arc::new(values);
+                same.push(Arc::downgrade(&values));
+                values
+            }
+        };
+        if same.is_empty() {
+            interned.remove(&hash);
+        }
         Context {
             id: NEXT_CONTEXT.fetch_add(1, Ordering::Relaxed),
-            values: Arc::new(values),
-            hash: hasher.finish(),
+            values,
+            hash,
         }
     }
 
@@ -397,12 +421,52 @@ pub fn evaluate(
     result
 }
 
+/// Hashes a context hash by itself (it is already a good hash).
+#[derive(Default)]
+struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type ByHash = HashMap<u64, (Context, bool), std::hash::BuildHasherDefault<IdentityHasher>>;
+
+/// The verdicts of one filter for one record.
+struct FilterVerdicts {
+    name: String,
+    /// The filter, looked up once per record.
+    filter: Option<Arc<LoadedFilter>>,
+    /// Context hash → the context evaluated and its verdict.
+    by_hash: ByHash,
+    /// Contexts whose hash another context already holds (rare).
+    collisions: Vec<(Context, bool)>,
+}
+
 /// Verdicts for one record across many subscriptions: subscriptions with the same
 /// filter and equal contexts share one evaluation. Make one per record.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SharedVerdicts {
-    /// (filter, context hash) → the contexts evaluated and their verdicts.
-    known: HashMap<(String, u64), Vec<(Context, bool)>>,
+    known: Vec<FilterVerdicts>,
+}
+
+impl std::fmt::Debug for SharedVerdicts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedVerdicts")
+            .field("filters", &self.known.len())
+            .finish()
+    }
 }
 
 impl SharedVerdicts {
@@ -416,21 +480,43 @@ impl SharedVerdicts {
         subscription_id: u64,
         event: &EventView<'_>,
     ) -> bool {
-        let key = (name.to_owned(), context.content_hash());
-        if let Some(known) = self.known.get(&key)
-            && let Some((_, verdict)) = known.iter().find(|(c, _)| c == context)
-        {
-            return *verdict;
+        let index = match self.known.iter().position(|k| k.name == name) {
+            Some(index) => index,
+            None => {
+                self.known.push(FilterVerdicts {
+                    name: name.to_owned(),
+                    filter: filters.get(name),
+                    by_hash: ByHash::default(),
+                    collisions: Vec::new(),
+                });
+                self.known.len() - 1
+            }
+        };
+        let known = &mut self.known[index];
+        let hash = context.content_hash();
+        match known.by_hash.get(&hash) {
+            Some((seen, verdict)) if seen == context => return *verdict,
+            Some(_) => {
+                if let Some((_, verdict)) = known.collisions.iter().find(|(c, _)| c == context) {
+                    return *verdict;
+                }
+            }
+            None => {}
         }
-        let verdict = match filters.get(name) {
-            Some(filter) => evaluate(&filter, filters.limits(), event, subscription_id, context)
-                .unwrap_or(false),
+        let verdict = match &known.filter {
+            Some(filter) => {
+                evaluate(filter, filters.limits(), event, subscription_id, context).unwrap_or(false)
+            }
             None => false,
         };
-        self.known
-            .entry(key)
-            .or_default()
-            .push((context.clone(), verdict));
+        match known.by_hash.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((context.clone(), verdict));
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                known.collisions.push((context.clone(), verdict))
+            }
+        }
         verdict
     }
 }
