@@ -182,15 +182,8 @@ impl Subscriber {
         topic: impl Into<String>,
         start: Start,
     ) -> Result<(), ClientError> {
-        self.commands
-            .send(Command::Add {
-                id,
-                topic: topic.into(),
-                start,
-                filter: String::new(),
-                context: HashMap::new(),
-            })
-            .map_err(|_| ClientError::Closed)
+        self.subscribe_filtered(id, topic, start, String::new(), HashMap::new())
+            .await
     }
 
     /// Like [`Subscriber::subscribe`], with a delivery filter loaded in the broker and
