@@ -108,6 +108,13 @@ impl Context {
         values.hash(&mut hasher);
         let hash = hasher.finish();
         let mut interned = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
+        // Every so often, forget contexts nobody holds any more.
+        if NEXT_CONTEXT.load(Ordering::Relaxed) % 4096 == 0 {
+            interned.retain(|_, same| {
+                same.retain(|weak| weak.strong_count() > 0);
+                !same.is_empty()
+            });
+        }
         let same = interned.entry(hash).or_default();
         same.retain(|weak| weak.strong_count() > 0);
         let values = match same
@@ -122,9 +129,6 @@ impl Context {
                 values
             }
         };
-        if same.is_empty() {
-            interned.remove(&hash);
-        }
         Context {
             id: NEXT_CONTEXT.fetch_add(1, Ordering::Relaxed),
             values,
@@ -192,8 +196,11 @@ pub struct FilterSet {
     dir: Option<PathBuf>,
     limits: FilterLimits,
     filters: RwLock<HashMap<String, Arc<LoadedFilter>>>,
-    /// Last seen modification time and length of each file, to reload on change.
-    seen: RwLock<HashMap<PathBuf, (SystemTime, u64)>>,
+    /// A hash of each file's content as last read, to reload on change (read through
+    /// symlinks, so files mounted from a config map are followed).
+    seen: RwLock<HashMap<PathBuf, u64>>,
+    /// One reload at a time (the watcher and a request may ask together).
+    reloading: std::sync::Mutex<()>,
     next_version: AtomicU64,
 }
 
@@ -221,6 +228,7 @@ impl FilterSet {
             limits,
             filters: RwLock::new(HashMap::new()),
             seen: RwLock::new(HashMap::new()),
+            reloading: std::sync::Mutex::new(()),
             next_version: AtomicU64::new(1),
         }
     }
@@ -283,6 +291,7 @@ impl FilterSet {
     /// Loads what changed in the directory since the last (re)load. A file that now
     /// fails to compile is reported and its previous version keeps serving.
     pub fn reload(&self) -> LoadReport {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = LoadReport::default();
         let Some(dir) = &self.dir else { return report };
         let entries = match std::fs::read_dir(dir) {
@@ -296,40 +305,44 @@ impl FilterSet {
             }
         };
         let mut present = Vec::new();
+        let mut seen_paths = Vec::new();
         for entry in entries.flatten() {
             let path = entry.path();
             let Some(name) = filter_name(&path) else {
                 continue;
             };
-            present.push(name.clone());
-            let Ok(metadata) = entry.metadata() else {
-                continue;
+            let file = path.display().to_string();
+            // Read through symlinks; compare content, not timestamps.
+            let source = match std::fs::read_to_string(&path) {
+                Ok(source) => source,
+                Err(error) => {
+                    report.failed.push(CompileError {
+                        file,
+                        message: format!("cannot read: {error}"),
+                    });
+                    present.push(name);
+                    continue;
+                }
             };
-            let stamp = (
-                metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                metadata.len(),
-            );
+            present.push(name.clone());
+            seen_paths.push(path.clone());
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            source.hash(&mut hasher);
+            let hash = hasher.finish();
             if self
                 .seen
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&path)
-                == Some(&stamp)
+                == Some(&hash)
             {
                 continue;
             }
             self.seen
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(path.clone(), stamp);
-            let file = path.display().to_string();
-            let result = std::fs::read_to_string(&path)
-                .map_err(|e| CompileError {
-                    file: file.clone(),
-                    message: format!("cannot read: {e}"),
-                })
-                .and_then(|source| self.insert(&name, &file, source));
-            match result {
+                .insert(path, hash);
+            match self.insert(&name, &file, source) {
                 Ok(()) => report.loaded.push(name),
                 Err(error) => {
                     tracing::error!(%error, "filter refused; the previous version (if any) keeps serving");
@@ -337,6 +350,11 @@ impl FilterSet {
                 }
             }
         }
+        // Files that went away are forgotten, so that putting one back loads it again.
+        self.seen
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|path, _| seen_paths.contains(path));
         let mut filters = self.filters.write().unwrap_or_else(|e| e.into_inner());
         let gone: Vec<String> = filters
             .keys()
@@ -623,12 +641,57 @@ mod tests {
             (
                 "rep_gigabyte",
                 "return function() return #string.rep('x', 1 << 30) > 0 end",
-                "memory limit",
+                "16 MiB",
             ),
             (
-                "rep_too_large",
-                "return function() return #string.rep('x', 2^31) > 0 end",
-                "too large",
+                "rep_method",
+                "return function() return #(('x'):rep(1 << 30)) > 0 end",
+                "16 MiB",
+            ),
+            (
+                "rep_empty",
+                "return function() return #string.rep('', 1 << 62) >= 0 end",
+                "16 MiB",
+            ),
+            (
+                "pcall_loop",
+                "return function() while true do pcall(function() while true do end end) end end",
+                "budget",
+            ),
+            (
+                "xpcall_loop",
+                "return function() while true do xpcall(function() while true do end end, error) end end",
+                "budget",
+            ),
+            (
+                "global_g",
+                "return function() _G.string = nil return true end",
+                "read-only",
+            ),
+            (
+                "gc",
+                "return function() setmetatable({}, {__gc = function() end}) return true end",
+                "__gc",
+            ),
+            (
+                "dump",
+                "return function() return ('').dump(function() end) ~= nil end",
+                "dump",
+            ),
+            (
+                "table_move",
+                "return function() table.move({}, 1, 1e15, 2) return true end",
+                "move",
+            ),
+            (
+                "pattern_bomb",
+                "return function() return ('a'):rep(5000):find(('a*'):rep(30) .. 'b') ~= nil end",
+                "quantifiers",
+            ),
+            (
+                "long_subject",
+                "return function() return string.find(string.rep('a', 1 << 20), 'b') ~= nil end",
+                "64 KiB",
             ),
             (
                 "os",
@@ -706,6 +769,16 @@ mod tests {
             }
             other => panic!("recursion: expected a contained error, got {other:?}"),
         }
+        // A file whose top level never ends is refused at load, not a hung loader.
+        let error = set
+            .insert(
+                "hang",
+                "hang.lua",
+                "while true do pcall(function() while true do end end) end return function() end"
+                    .into(),
+            )
+            .unwrap_err();
+        assert!(error.message.contains("budget"), "{error}");
         // Metatables of strings cannot be reached to break other filters.
         set.insert(
             "meta",
@@ -714,6 +787,38 @@ mod tests {
         )
         .unwrap();
         assert_eq!(run(&set, "meta", &context), Ok(true));
+    }
+
+    #[test]
+    fn one_filter_cannot_change_what_another_sees() {
+        let set = FilterSet::empty(LIMITS);
+        set.insert(
+            "poison",
+            "poison.lua",
+            "return function(e, s) e.headers.channel_id = nil; e._overwrites = {}; s.context.roles = 'admin'; \
+             s.context._member = {sees_all = true}; return true end"
+                .into(),
+        )
+        .unwrap();
+        set.insert(
+            "reader",
+            "reader.lua",
+            "return function(e, s) return e.headers.channel_id == '10' and e._overwrites == nil \
+             and s.context.roles == 'none' and s.context._member == nil end"
+                .into(),
+        )
+        .unwrap();
+        let headers = vec![("channel_id".to_owned(), "10".to_owned())];
+        let view = event(&headers, b"");
+        let context = Context::new([("roles".to_owned(), "none".to_owned())]);
+        assert_eq!(
+            evaluate(&set.get("poison").unwrap(), LIMITS, &view, 1, &context),
+            Ok(true)
+        );
+        assert_eq!(
+            evaluate(&set.get("reader").unwrap(), LIMITS, &view, 2, &context),
+            Ok(true)
+        );
     }
 
     #[test]

@@ -141,7 +141,11 @@ pub fn render(source: &MetricsSource) -> String {
         for (filter, stats) in source.filters.stats() {
             let value =
                 [&stats.evaluations, &stats.denials, &stats.errors][pick].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}{{filter=\"{filter}\"}} {value}");
+            let label = filter
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = writeln!(out, "{name}{{filter=\"{label}\"}} {value}");
         }
     }
     metric(
