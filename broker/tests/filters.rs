@@ -3,19 +3,30 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::broker::{Broker, publish};
+use common::subscriber::Subscriber;
 use switchyard_broker::filter::{FilterLimits, FilterSet};
 use switchyard_broker::server::ServerConfig;
 use switchyard_proto as pb;
-use switchyard_proto::broker_client::BrokerClient;
-use tokio::sync::mpsc;
-use tonic::transport::Channel;
-use tonic::{Code, Streaming};
+use tonic::Code;
 
-use pb::subscribe_response::Event;
 use pb::subscription_update::State;
+
+/// Adds a filtered subscription from the latest record and returns the broker's answer.
+async fn add(
+    subscriber: &mut Subscriber,
+    id: u64,
+    topic: &str,
+    filter: &str,
+    context: &[(&str, &str)],
+) -> pb::SubscriptionUpdate {
+    let latest = pb::start_position::Start::Latest(pb::Latest {});
+    subscriber
+        .add_filtered(id, topic, latest, filter, context)
+        .await;
+    subscriber.update().await
+}
 
 const CHANNEL_FILTER: &str = r#"
 -- Deliver messages of the channels listed in the context (comma-separated).
@@ -45,94 +56,6 @@ async fn broker_with(filters: &[(&str, &str)]) -> Broker {
     .await
 }
 
-struct Stream {
-    requests: mpsc::Sender<pb::SubscribeRequest>,
-    responses: Streaming<pb::SubscribeResponse>,
-}
-
-impl Stream {
-    async fn open(client: &mut BrokerClient<Channel>) -> Stream {
-        let (requests, receiver) = mpsc::channel(64);
-        let responses = client
-            .subscribe(tokio_stream::wrappers::ReceiverStream::new(receiver))
-            .await
-            .unwrap()
-            .into_inner();
-        Stream {
-            requests,
-            responses,
-        }
-    }
-
-    async fn add(
-        &mut self,
-        id: u64,
-        topic: &str,
-        filter: &str,
-        context: &[(&str, &str)],
-    ) -> pb::SubscriptionUpdate {
-        let command = pb::subscribe_request::Command::Add(pb::Subscription {
-            id,
-            topic: topic.into(),
-            start: Some(pb::StartPosition {
-                start: Some(pb::start_position::Start::Latest(pb::Latest {})),
-            }),
-            filter: filter.into(),
-            context: context
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        });
-        self.requests
-            .send(pb::SubscribeRequest {
-                command: Some(command),
-            })
-            .await
-            .unwrap();
-        match self.next().await {
-            Event::Update(update) => update,
-            other => panic!("expected an update, got {other:?}"),
-        }
-    }
-
-    async fn update_context(&self, id: u64, context: &[(&str, &str)]) {
-        let command = pb::subscribe_request::Command::UpdateContext(pb::UpdateContext {
-            id,
-            context: context
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        });
-        self.requests
-            .send(pb::SubscribeRequest {
-                command: Some(command),
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn next(&mut self) -> Event {
-        tokio::time::timeout(Duration::from_secs(10), self.responses.message())
-            .await
-            .expect("an event within 10 s")
-            .unwrap()
-            .unwrap()
-            .event
-            .unwrap()
-    }
-
-    async fn deliveries(&mut self, count: usize) -> Vec<pb::Delivery> {
-        let mut all = Vec::new();
-        while all.len() < count {
-            match self.next().await {
-                Event::Deliveries(batch) => all.extend(batch.deliveries),
-                Event::Update(update) => panic!("unexpected update {update:?}"),
-            }
-        }
-        all
-    }
-}
-
 fn message(channel: &str, text: &str) -> pb::PublishRecord {
     pb::PublishRecord {
         topic: "guild.1".into(),
@@ -160,20 +83,28 @@ fn ids(delivery: &pb::Delivery) -> Vec<u64> {
 async fn one_delivery_per_stream_lists_exactly_the_subscriptions_whose_filter_passes() {
     let broker = broker_with(&[("channels", CHANNEL_FILTER)]).await;
     let mut client = broker.client().await;
-    let mut stream = Stream::open(&mut client).await;
+    let mut stream = Subscriber::open(&mut client).await;
     assert!(matches!(
-        stream.add(1, "guild.1", "", &[]).await.state,
+        add(&mut stream, 1, "guild.1", "", &[]).await.state,
         Some(State::Started(_))
     ));
-    stream
-        .add(2, "guild.1", "channels", &[("channels", "10,11")])
-        .await;
-    stream
-        .add(3, "guild.1", "channels", &[("channels", "11")])
-        .await;
-    stream
-        .add(4, "guild.1", "channels", &[("channels", "10,11")])
-        .await;
+    add(
+        &mut stream,
+        2,
+        "guild.1",
+        "channels",
+        &[("channels", "10,11")],
+    )
+    .await;
+    add(&mut stream, 3, "guild.1", "channels", &[("channels", "11")]).await;
+    add(
+        &mut stream,
+        4,
+        "guild.1",
+        "channels",
+        &[("channels", "10,11")],
+    )
+    .await;
     let records = vec![message("10", "a"), message("11", "b"), message("12", "c")];
     client
         .publish(publish(1, records, pb::AckLevel::Written))
@@ -227,8 +158,8 @@ fn broker_filters_stats(broker: &Broker, name: &str) -> (u64, u64) {
 async fn unknown_filters_are_refused() {
     let broker = broker_with(&[("channels", CHANNEL_FILTER)]).await;
     let mut client = broker.client().await;
-    let mut stream = Stream::open(&mut client).await;
-    match stream.add(1, "guild.1", "nope", &[]).await.state {
+    let mut stream = Subscriber::open(&mut client).await;
+    match add(&mut stream, 1, "guild.1", "nope", &[]).await.state {
         Some(State::Error(error)) => {
             assert_eq!(Code::from_i32(error.code), Code::NotFound);
             assert!(error.message.contains("channels"), "{}", error.message);
@@ -298,15 +229,17 @@ async fn hostile_filters_withhold_only_their_own_deliveries() {
     })
     .await;
     let mut client = broker.client().await;
-    let mut stream = Stream::open(&mut client).await;
+    let mut stream = Subscriber::open(&mut client).await;
     for (i, (name, _)) in hostile[1..].iter().enumerate() {
         assert!(matches!(
-            stream.add(i as u64 + 10, "guild.1", name, &[]).await.state,
+            add(&mut stream, i as u64 + 10, "guild.1", name, &[])
+                .await
+                .state,
             Some(State::Started(_))
         ));
     }
-    stream.add(1, "guild.1", "allow", &[]).await;
-    stream.add(2, "guild.1", "", &[]).await;
+    add(&mut stream, 1, "guild.1", "allow", &[]).await;
+    add(&mut stream, 2, "guild.1", "", &[]).await;
     for round in 0..3 {
         client
             .publish(publish(

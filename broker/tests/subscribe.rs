@@ -6,92 +6,17 @@ mod common;
 use std::time::Duration;
 
 use common::broker::{Broker, publish, record};
+use common::subscriber::Subscriber;
 use switchyard_broker::server::ServerConfig;
 use switchyard_proto as pb;
 use switchyard_proto::broker_client::BrokerClient;
 use tokio::sync::mpsc;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Streaming};
 
 use pb::start_position::Start;
 use pb::subscribe_response::Event;
 use pb::subscription_update::State;
-
-/// One Subscribe stream, driven by hand.
-struct Subscriber {
-    requests: mpsc::Sender<pb::SubscribeRequest>,
-    responses: Streaming<pb::SubscribeResponse>,
-}
-
-impl Subscriber {
-    async fn open(client: &mut BrokerClient<Channel>) -> Subscriber {
-        let (requests, receiver) = mpsc::channel(64);
-        let responses = client
-            .subscribe(tokio_stream::wrappers::ReceiverStream::new(receiver))
-            .await
-            .unwrap()
-            .into_inner();
-        Subscriber {
-            requests,
-            responses,
-        }
-    }
-
-    async fn add(&self, id: u64, topic: &str, start: Start) {
-        let command = pb::subscribe_request::Command::Add(pb::Subscription {
-            id,
-            topic: topic.into(),
-            start: Some(pb::StartPosition { start: Some(start) }),
-            filter: String::new(),
-            context: Default::default(),
-        });
-        self.requests
-            .send(pb::SubscribeRequest {
-                command: Some(command),
-            })
-            .await
-            .unwrap();
-    }
-
-    async fn remove(&self, id: u64) {
-        let command = pb::subscribe_request::Command::Remove(pb::Unsubscribe { id });
-        self.requests
-            .send(pb::SubscribeRequest {
-                command: Some(command),
-            })
-            .await
-            .unwrap();
-    }
-
-    /// The next event, within ten seconds.
-    async fn next(&mut self) -> Result<Event, tonic::Status> {
-        match tokio::time::timeout(Duration::from_secs(10), self.responses.message()).await {
-            Ok(Ok(Some(response))) => Ok(response.event.expect("an event")),
-            Ok(Ok(None)) => panic!("the stream ended"),
-            Ok(Err(status)) => Err(status),
-            Err(_) => panic!("no event within 10 s"),
-        }
-    }
-
-    async fn update(&mut self) -> pb::SubscriptionUpdate {
-        match self.next().await.unwrap() {
-            Event::Update(update) => update,
-            other => panic!("expected an update, got {other:?}"),
-        }
-    }
-
-    /// Deliveries until `count` have arrived.
-    async fn deliveries(&mut self, count: usize) -> Vec<pb::Delivery> {
-        let mut all = Vec::new();
-        while all.len() < count {
-            match self.next().await.unwrap() {
-                Event::Deliveries(batch) => all.extend(batch.deliveries),
-                Event::Update(update) => panic!("unexpected update {update:?}"),
-            }
-        }
-        all
-    }
-}
 
 fn latest() -> Start {
     Start::Latest(pb::Latest {})

@@ -104,6 +104,14 @@ fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         .with_context(|| format!("{text:?} is not a duration (try 5ms, 10s, 7d)"))
 }
 
+/// A duration, or `None` for "off".
+fn optional_duration(text: &str) -> anyhow::Result<Option<Duration>> {
+    match text {
+        "off" => Ok(None),
+        duration => parse_duration(duration).map(Some),
+    }
+}
+
 impl ServeArgs {
     fn validate(self) -> anyhow::Result<Settings> {
         let fsync = match self.fsync.as_str() {
@@ -114,14 +122,8 @@ impl ServeArgs {
                 None => bail!("--fsync must be always, never or interval:DURATION, not {other:?}"),
             },
         };
-        let retention_age = match self.retention_age.as_str() {
-            "off" => None,
-            age => Some(parse_duration(age)?),
-        };
-        let filters_reload = match self.filters_reload.as_str() {
-            "off" => None,
-            every => Some(parse_duration(every)?),
-        };
+        let retention_age = optional_duration(&self.retention_age)?;
+        let filters_reload = optional_duration(&self.filters_reload)?;
         let metrics_listen = match self.metrics_listen.as_str() {
             "off" => None,
             address => Some(
