@@ -55,12 +55,7 @@ impl Subscriber {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         });
-        self.requests
-            .send(pb::SubscribeRequest {
-                command: Some(command),
-            })
-            .await
-            .unwrap();
+        self.send(command).await;
     }
 
     /// Replaces the context of subscription `id`.
@@ -72,6 +67,10 @@ impl Subscriber {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
         });
+        self.send(command).await;
+    }
+
+    async fn send(&self, command: pb::subscribe_request::Command) {
         self.requests
             .send(pb::SubscribeRequest {
                 command: Some(command),
@@ -82,12 +81,7 @@ impl Subscriber {
 
     pub async fn remove(&self, id: u64) {
         let command = pb::subscribe_request::Command::Remove(pb::Unsubscribe { id });
-        self.requests
-            .send(pb::SubscribeRequest {
-                command: Some(command),
-            })
-            .await
-            .unwrap();
+        self.send(command).await;
     }
 
     /// The next event, within ten seconds.
