@@ -36,7 +36,7 @@ pub mod reader;
 pub mod subscriber;
 
 pub use error::ClientError;
-pub use producer::{Ack, PendingPosition, Producer, ProducerConfig, Record};
+pub use producer::{Ack, PendingBatch, PendingPosition, Producer, ProducerConfig, Record};
 pub use reader::{Client, TopicInfo};
 pub use subscriber::{Delivery, Position, Start, Subscriber, SubscriberEvent};
 pub use switchyard_proto as proto;

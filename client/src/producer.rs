@@ -13,9 +13,11 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::sync::Arc;
 use switchyard_proto as pb;
 use switchyard_proto::broker_client::BrokerClient;
-use tokio::sync::{mpsc, oneshot};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Streaming;
 use tonic::transport::Channel;
@@ -115,23 +117,73 @@ impl Default for ProducerConfig {
 }
 
 type Reply = oneshot::Sender<Result<Position, ClientError>>;
+type BatchReply = oneshot::Sender<Result<Vec<Position>, ClientError>>;
 
 /// Largest batch sent (the broker's limit), in record bytes.
 const MAX_BATCH_BYTES: usize = 16 << 20;
 /// Largest record that fits a gRPC message with room for framing.
 const MAX_RECORD_BYTES: usize = crate::MAX_MESSAGE_BYTES - (1 << 20);
 
-/// A record waiting in the queue.
-struct Queued {
-    record: Record,
-    reply: Reply,
+/// What waits in the queue: a record for the batcher to gather, or a batch the
+/// caller gathered, sent as it is.
+enum Queued {
+    One {
+        record: Record,
+        reply: Reply,
+    },
+    Whole {
+        records: Vec<pb::PublishRecord>,
+        reply: BatchReply,
+        /// Holds the records' share of the queue until the batch is sent.
+        _permit: OwnedSemaphorePermit,
+    },
+}
+
+/// Who waits for a batch's answer.
+enum Replies {
+    /// One waiter per record (records sent with [`Producer::send`]).
+    Each(Vec<Reply>),
+    /// One waiter for the batch ([`Producer::send_batch`]).
+    Whole(BatchReply),
+}
+
+impl Replies {
+    fn succeed(self, positions: Vec<pb::Position>) {
+        let positions = positions.into_iter().map(|p| Position {
+            offset: p.offset,
+            epoch: p.epoch,
+        });
+        match self {
+            Replies::Each(replies) => {
+                for (reply, position) in replies.into_iter().zip(positions) {
+                    let _ = reply.send(Ok(position));
+                }
+            }
+            Replies::Whole(reply) => {
+                let _ = reply.send(Ok(positions.collect()));
+            }
+        }
+    }
+
+    fn fail(self, error: ClientError) {
+        match self {
+            Replies::Each(replies) => {
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+            Replies::Whole(reply) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
 }
 
 /// A batch sent and not yet answered.
 struct InFlight {
     request_id: u64,
     records: Vec<pb::PublishRecord>,
-    replies: Vec<Reply>,
+    replies: Replies,
     attempts: u32,
 }
 
@@ -152,17 +204,62 @@ impl std::future::Future for PendingPosition {
     }
 }
 
+/// The acknowledgement of a batch sent with [`Producer::send_batch`], to await: the
+/// positions of its records, in order.
+#[derive(Debug)]
+pub struct PendingBatch {
+    parts: Vec<oneshot::Receiver<Result<Vec<Position>, ClientError>>>,
+    done: usize,
+    positions: Vec<Position>,
+}
+
+impl std::future::Future for PendingBatch {
+    type Output = Result<Vec<Position>, ClientError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        while this.done < this.parts.len() {
+            match std::pin::Pin::new(&mut this.parts[this.done]).poll(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(Ok(Ok(positions))) => {
+                    this.positions.extend(positions);
+                    this.done += 1;
+                }
+                std::task::Poll::Ready(Ok(Err(error))) => {
+                    return std::task::Poll::Ready(Err(error));
+                }
+                std::task::Poll::Ready(Err(_)) => {
+                    return std::task::Poll::Ready(Err(ClientError::Closed));
+                }
+            }
+        }
+        std::task::Poll::Ready(Ok(std::mem::take(&mut this.positions)))
+    }
+}
+
 /// Publishes records in batches. Cheap to clone; clones share the batching task.
 #[derive(Debug, Clone)]
 pub struct Producer {
     queue: mpsc::Sender<Queued>,
+    /// Records queued by [`Producer::send_batch`], bounded like the queue.
+    batch_room: Arc<Semaphore>,
+    queue_records: usize,
+    max_batch_records: usize,
+    max_batch_bytes: usize,
 }
 
 impl std::fmt::Debug for Queued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Queued")
-            .field("record", &self.record)
-            .finish()
+        match self {
+            Queued::One { record, .. } => f.debug_struct("One").field("record", record).finish(),
+            Queued::Whole { records, .. } => f
+                .debug_struct("Whole")
+                .field("records", &records.len())
+                .finish(),
+        }
     }
 }
 
@@ -175,9 +272,17 @@ impl Producer {
         config.max_batch_records = config.max_batch_records.max(1);
         // A batch must fit one gRPC message and the broker's batch limit.
         config.max_batch_bytes = config.max_batch_bytes.clamp(1, MAX_BATCH_BYTES);
-        let (queue, records) = mpsc::channel(config.queue_records.max(1));
+        let queue_records = config.queue_records.max(1);
+        let (queue, records) = mpsc::channel(queue_records);
+        let producer = Producer {
+            queue,
+            batch_room: Arc::new(Semaphore::new(queue_records)),
+            queue_records,
+            max_batch_records: config.max_batch_records,
+            max_batch_bytes: config.max_batch_bytes,
+        };
         tokio::spawn(Batcher::new(client, config).run(records));
-        Ok(Producer { queue })
+        Ok(producer)
     }
 
     /// Queues `record` (waiting while the queue is full) and returns its
@@ -186,23 +291,62 @@ impl Producer {
     /// The topic name is checked here, by the broker's rules, so that one bad name
     /// fails its own record instead of the batch it would have travelled in.
     pub async fn send(&self, record: Record) -> Result<PendingPosition, ClientError> {
-        check_topic(&record.topic)?;
-        if record.size() > MAX_RECORD_BYTES {
-            return Err(ClientError::Refused {
-                code: tonic::Code::InvalidArgument,
-                message: format!(
-                    "record for {:?} is {} bytes; no broker accepts more than {MAX_RECORD_BYTES}",
-                    record.topic,
-                    record.size()
-                ),
-            });
-        }
+        check_record(&record)?;
         let (reply, receiver) = oneshot::channel();
         self.queue
-            .send(Queued { record, reply })
+            .send(Queued::One { record, reply })
             .await
             .map_err(|_| ClientError::Closed)?;
         Ok(PendingPosition(receiver))
+    }
+
+    /// Queues records gathered by the caller, to be sent as they are — in as few
+    /// batches as the batch limits allow, after any records queued before, without
+    /// waiting for the linger time — and returns one acknowledgement for all of them.
+    ///
+    /// This is the fast path for producers that have many records at hand: no
+    /// per-record bookkeeping. Every record is checked first; if one is invalid,
+    /// nothing is sent and that record's error is returned.
+    pub async fn send_batch(&self, records: Vec<Record>) -> Result<PendingBatch, ClientError> {
+        for record in &records {
+            check_record(record)?;
+        }
+        let mut parts = Vec::new();
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let mut part = Vec::new();
+            let mut bytes = 0;
+            while let Some(record) = records.next_if(|r| {
+                part.is_empty()
+                    || (part.len() < self.max_batch_records
+                        && bytes + r.size() <= self.max_batch_bytes)
+            }) {
+                bytes += record.size();
+                part.push(record.into_proto());
+            }
+            let permits = part.len().min(self.queue_records) as u32;
+            let permit = self
+                .batch_room
+                .clone()
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| ClientError::Closed)?;
+            let (reply, receiver) = oneshot::channel();
+            self.queue
+                .send(Queued::Whole {
+                    records: part,
+                    reply,
+                    _permit: permit,
+                })
+                .await
+                .map_err(|_| ClientError::Closed)?;
+            parts.push(receiver);
+        }
+        Ok(PendingBatch {
+            parts,
+            done: 0,
+            positions: Vec::new(),
+        })
     }
 
     /// Publishes `record` and waits for its position.
@@ -236,34 +380,48 @@ impl Batcher {
     }
 
     async fn run(mut self, mut queue: mpsc::Receiver<Queued>) {
-        let mut batch: Vec<Queued> = Vec::new();
+        let mut batch: Vec<(Record, Reply)> = Vec::new();
         let mut batch_bytes = 0;
         let mut deadline: Option<Instant> = None;
         let mut queue_open = true;
+        // A caller's batch, sent once the records gathered before it are.
+        let mut whole: Option<(Vec<pb::PublishRecord>, BatchReply)> = None;
         loop {
-            if !queue_open && batch.is_empty() && self.in_flight.is_empty() {
+            if !queue_open && batch.is_empty() && whole.is_none() && self.in_flight.is_empty() {
                 return;
             }
             let room = self.in_flight.len() < self.config.max_in_flight;
+            if whole.is_some() && room {
+                if batch.is_empty() {
+                    let (records, reply) = whole.take().expect("checked");
+                    self.dispatch(records, Replies::Whole(reply)).await;
+                } else {
+                    self.dispatch_gathered(std::mem::take(&mut batch)).await;
+                    batch_bytes = 0;
+                    deadline = None;
+                }
+                continue;
+            }
             let full = batch.len() >= self.config.max_batch_records
                 || batch_bytes >= self.config.max_batch_bytes;
             if (full || (!queue_open && !batch.is_empty())) && room {
-                self.dispatch(std::mem::take(&mut batch)).await;
+                self.dispatch_gathered(std::mem::take(&mut batch)).await;
                 batch_bytes = 0;
                 deadline = None;
                 continue;
             }
             tokio::select! {
-                queued = queue.recv(), if queue_open && room && !full => match queued {
-                    Some(queued) => {
-                        batch_bytes += queued.record.size();
-                        batch.push(queued);
+                queued = queue.recv(), if queue_open && room && !full && whole.is_none() => match queued {
+                    Some(Queued::One { record, reply }) => {
+                        batch_bytes += record.size();
+                        batch.push((record, reply));
                         deadline.get_or_insert_with(|| Instant::now() + self.config.linger);
                     }
+                    Some(Queued::Whole { records, reply, _permit }) => whole = Some((records, reply)),
                     None => queue_open = false,
                 },
                 () = sleep_until(deadline), if deadline.is_some() && room => {
-                    self.dispatch(std::mem::take(&mut batch)).await;
+                    self.dispatch_gathered(std::mem::take(&mut batch)).await;
                     batch_bytes = 0;
                     deadline = None;
                 }
@@ -272,15 +430,20 @@ impl Batcher {
         }
     }
 
-    /// Sends a new batch.
-    async fn dispatch(&mut self, batch: Vec<Queued>) {
+    /// Sends the records gathered from [`Producer::send`].
+    async fn dispatch_gathered(&mut self, batch: Vec<(Record, Reply)>) {
         if batch.is_empty() {
             return;
         }
         let (records, replies) = batch
             .into_iter()
-            .map(|q| (q.record.into_proto(), q.reply))
+            .map(|(record, reply)| (record.into_proto(), reply))
             .unzip();
+        self.dispatch(records, Replies::Each(replies)).await;
+    }
+
+    /// Sends a new batch.
+    async fn dispatch(&mut self, records: Vec<pb::PublishRecord>, replies: Replies) {
         let request_id = self.next_request;
         self.next_request += 1;
         self.in_flight.push_back(InFlight {
@@ -342,10 +505,9 @@ impl Batcher {
                 .is_some_and(|b| b.attempts > self.config.max_retries)
             {
                 let batch = self.in_flight.pop_front().expect("checked");
-                fail(
-                    batch.replies,
-                    ClientError::Unreachable("gave up after retries".into()),
-                );
+                batch
+                    .replies
+                    .fail(ClientError::Unreachable("gave up after retries".into()));
             }
             if self.in_flight.is_empty() {
                 return;
@@ -388,12 +550,7 @@ impl Batcher {
         match response.error {
             None => {
                 let batch = self.in_flight.remove(index).expect("found");
-                for (reply, position) in batch.replies.into_iter().zip(response.positions) {
-                    let _ = reply.send(Ok(Position {
-                        offset: position.offset,
-                        epoch: position.epoch,
-                    }));
-                }
+                batch.replies.succeed(response.positions);
             }
             Some(error) => {
                 let code = tonic::Code::from_i32(error.code);
@@ -410,13 +567,10 @@ impl Batcher {
                     }
                 } else {
                     let batch = self.in_flight.remove(index).expect("found");
-                    fail(
-                        batch.replies,
-                        ClientError::Refused {
-                            code,
-                            message: error.message,
-                        },
-                    );
+                    batch.replies.fail(ClientError::Refused {
+                        code,
+                        message: error.message,
+                    });
                 }
             }
         }
@@ -447,10 +601,20 @@ fn check_topic(topic: &str) -> Result<(), ClientError> {
     }
 }
 
-fn fail(replies: Vec<Reply>, error: ClientError) {
-    for reply in replies {
-        let _ = reply.send(Err(error.clone()));
+/// The checks made before a record is queued.
+fn check_record(record: &Record) -> Result<(), ClientError> {
+    check_topic(&record.topic)?;
+    if record.size() > MAX_RECORD_BYTES {
+        return Err(ClientError::Refused {
+            code: tonic::Code::InvalidArgument,
+            message: format!(
+                "record for {:?} is {} bytes; no broker accepts more than {MAX_RECORD_BYTES}",
+                record.topic,
+                record.size()
+            ),
+        });
     }
+    Ok(())
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

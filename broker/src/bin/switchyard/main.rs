@@ -42,10 +42,20 @@ enum Command {
         #[command(subcommand)]
         command: client::FilterCommand,
     },
+    /// Benchmark against NATS, JetStream and Redis: runs the `switchyard-bench`
+    /// binary next to this one with these arguments (`switchyard bench run --help`).
+    #[command(disable_help_flag = true)]
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Bench { args } = &cli.command {
+        return bench(args);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -63,11 +73,36 @@ fn main() -> ExitCode {
             Command::Fetch(args) => runtime.block_on(client::fetch(args)),
             Command::Topic { command } => runtime.block_on(client::topic(command)),
             Command::Filter { command } => runtime.block_on(client::filter(command)),
+            Command::Bench { .. } => unreachable!("handled above"),
         });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `switchyard bench ...`: the load generator is a binary of its own (it links the
+/// peers' clients, which the broker does not need); run it with the same arguments.
+fn bench(args: &[std::ffi::OsString]) -> ExitCode {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("switchyard-bench")))
+        .filter(|path| path.is_file());
+    let Some(binary) = binary else {
+        eprintln!(
+            "error: no switchyard-bench next to this binary; build it with \
+             `cargo build --release -p switchyard-bench`"
+        );
+        return ExitCode::FAILURE;
+    };
+    match std::process::Command::new(&binary).args(args).status() {
+        Ok(status) if status.success() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: running {}: {error}", binary.display());
             ExitCode::FAILURE
         }
     }

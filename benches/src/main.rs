@@ -1,0 +1,251 @@
+//! `switchyard-bench`: Switchyard side by side with NATS core, NATS JetStream,
+//! Redis Pub/Sub and Redis Streams, on one machine, in one invocation.
+//!
+//! `switchyard-bench run` starts a Switchyard broker (the `switchyard` binary next
+//! to this one) and the peers (`benches/peers.sh`, which installs them from Debian
+//! when missing), runs the scenarios against every system that supports them, and
+//! writes `results.json`, `results.md` and SVG charts. `--smoke` runs every scenario
+//! for a moment (CI: proves each still works; its figures mean nothing).
+
+mod procfs;
+mod report;
+mod scenarios;
+mod systems;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+use report::Results;
+use scenarios::Sizes;
+use systems::{Kind, Peers, Systems};
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run scenarios against the systems and write the results.
+    Run(RunArgs),
+    /// Rewrite results.md and the charts from a results.json.
+    Report {
+        /// The results.json of an earlier run.
+        #[arg(long)]
+        from: PathBuf,
+        /// Where to write results.md and the charts (default: next to --from).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+const SCENARIOS: [&str; 6] = [
+    "throughput",
+    "latency",
+    "fanout",
+    "filters",
+    "many-topics",
+    "restart",
+];
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// A few seconds per scenario, one repetition: proves every scenario works.
+    #[arg(long)]
+    smoke: bool,
+    /// Scenarios to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = SCENARIOS.map(String::from))]
+    scenarios: Vec<String>,
+    /// Systems to run, comma-separated (switchyard, switchyard-durable, nats,
+    /// jetstream, redis-pubsub, redis-streams).
+    #[arg(long, value_delimiter = ',', default_values_t = Kind::ALL.map(|k| k.label().to_owned()))]
+    systems: Vec<String>,
+    /// Repetitions of each measurement (default 3; smoke 1).
+    #[arg(long)]
+    reps: Option<usize>,
+    /// How long each throughput and latency run publishes (default 3s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Topic counts for the many-topics scenario (the peers run the smallest).
+    #[arg(long, value_delimiter = ',')]
+    many_topics: Option<Vec<u64>>,
+    /// Topic counts for the restart scenario.
+    #[arg(long, value_delimiter = ',')]
+    restart_topics: Option<Vec<u64>>,
+    /// Subscriber streams in the fan-out scenario (default 100).
+    #[arg(long)]
+    fanout_streams: Option<usize>,
+    /// Where results.json, results.md and the charts go.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// The switchyard binary (default: the one next to this binary).
+    #[arg(long, env = "SWITCHYARD_BIN")]
+    switchyard_bin: Option<PathBuf>,
+    /// Where the servers keep their data (default: a temporary directory).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|runtime| runtime.block_on(run(args))),
+        Command::Report { from, out } => report(&from, out.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(from: &Path, out: Option<&Path>) -> Result<()> {
+    let results = Results::load(from)?;
+    let dir = out
+        .map(Path::to_path_buf)
+        .or_else(|| from.parent().map(Path::to_path_buf))
+        .unwrap_or_default();
+    results.write(&dir)?;
+    print!("{}", results.markdown());
+    Ok(())
+}
+
+fn switchyard_binary(given: Option<PathBuf>) -> Result<PathBuf> {
+    let path = match given {
+        Some(path) => path,
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has no directory")?
+            .join("switchyard"),
+    };
+    if !path.is_file() {
+        bail!(
+            "no switchyard binary at {} (build it: cargo build --release --bin switchyard, or pass --switchyard-bin)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+async fn run(args: RunArgs) -> Result<()> {
+    let mut sizes = if args.smoke {
+        Sizes::smoke()
+    } else {
+        Sizes::full()
+    };
+    if let Some(reps) = args.reps {
+        sizes.reps = reps.max(1);
+    }
+    if let Some(duration) = args.duration {
+        sizes.duration = duration;
+    }
+    if let Some(counts) = args.many_topics {
+        sizes.many_topics = counts;
+    }
+    if let Some(counts) = args.restart_topics {
+        sizes.restart_topics = counts;
+    }
+    if let Some(streams) = args.fanout_streams {
+        sizes.fanout_streams = streams.max(1);
+    }
+    for scenario in &args.scenarios {
+        if !SCENARIOS.contains(&scenario.as_str()) {
+            bail!(
+                "unknown scenario {scenario:?} (known: {})",
+                SCENARIOS.join(", ")
+            );
+        }
+    }
+    let kinds = args
+        .systems
+        .iter()
+        .map(|s| Kind::parse(s))
+        .collect::<Result<Vec<_>>>()?;
+    let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
+
+    let temp = tempfile::Builder::new()
+        .prefix("switchyard-bench")
+        .tempdir()?;
+    let work_dir = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| temp.path().to_owned());
+    let filters_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua-filters");
+    let mut systems = Systems {
+        switchyard: None,
+        peers: None,
+        switchyard_binary: switchyard_binary(args.switchyard_bin.clone())?,
+        filters_dir,
+        work_dir: work_dir.clone(),
+    };
+    if kinds.iter().any(|k| !k.is_switchyard()) {
+        eprintln!("starting the peers (benches/peers.sh)");
+        systems.peers = Some(Peers::start(&work_dir.join("peers"))?);
+    }
+    let result = run_scenarios(&mut systems, &kinds, &sizes, &wants, args.smoke).await;
+    if let Some(peers) = &systems.peers {
+        peers.stop()?;
+    }
+    systems.switchyard = None;
+    let mut results = result?;
+    results.command = std::env::args().collect::<Vec<_>>().join(" ");
+    results.write(&args.out)?;
+    print!("{}", results.markdown());
+    eprintln!("results in {}", args.out.display());
+    Ok(())
+}
+
+async fn run_scenarios(
+    systems: &mut Systems,
+    kinds: &[Kind],
+    sizes: &Sizes,
+    wants: &dyn Fn(&str) -> bool,
+    smoke: bool,
+) -> Result<Results> {
+    let mut results = Results {
+        smoke,
+        machine: procfs::machine(),
+        ..Default::default()
+    };
+    let switchyard = kinds.iter().any(|k| k.is_switchyard());
+    if switchyard {
+        systems.fresh_switchyard()?;
+    }
+    let started = Instant::now();
+    let stage = |name: &str| eprintln!("== {name} ({:.0} s in)", started.elapsed().as_secs_f64());
+    if wants("throughput") || wants("latency") {
+        stage("throughput");
+        scenarios::throughput(systems, kinds, sizes, &mut results).await?;
+    }
+    if wants("latency") {
+        stage("latency");
+        scenarios::latency(systems, kinds, sizes, &mut results).await?;
+    }
+    if wants("fanout") {
+        stage("fanout");
+        scenarios::fanout(systems, kinds, sizes, &mut results).await?;
+    }
+    if wants("filters") && switchyard {
+        stage("filters");
+        scenarios::filters(systems, sizes, &mut results).await?;
+    }
+    if wants("many-topics") {
+        stage("many-topics");
+        scenarios::many_topics(systems, kinds, sizes, &mut results).await?;
+    }
+    if wants("restart") && switchyard {
+        stage("restart");
+        scenarios::restart(systems, sizes, &mut results).await?;
+    }
+    Ok(results)
+}

@@ -1,0 +1,355 @@
+//! The systems under test, behind one small interface: a publisher (publish a batch
+//! of payloads to a topic without waiting, flush = wait for every acknowledgement)
+//! and a consumer (subscribed to topics before it is returned; hands each delivered
+//! payload to a callback).
+
+pub mod nats;
+pub mod redis;
+pub mod switchyard;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+
+/// A system and the way it is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// Switchyard, acknowledged once written to the broker's log.
+    Switchyard,
+    /// Switchyard, acknowledged once synced to disk.
+    SwitchyardDurable,
+    Nats,
+    JetStream,
+    RedisPubSub,
+    RedisStreams,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Switchyard,
+        Kind::SwitchyardDurable,
+        Kind::Nats,
+        Kind::JetStream,
+        Kind::RedisPubSub,
+        Kind::RedisStreams,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Switchyard => "switchyard",
+            Kind::SwitchyardDurable => "switchyard-durable",
+            Kind::Nats => "nats",
+            Kind::JetStream => "jetstream",
+            Kind::RedisPubSub => "redis-pubsub",
+            Kind::RedisStreams => "redis-streams",
+        }
+    }
+
+    pub fn parse(label: &str) -> Result<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.label() == label)
+            .with_context(|| {
+                let known: Vec<_> = Kind::ALL.iter().map(|k| k.label()).collect();
+                format!("unknown system {label:?} (known: {})", known.join(", "))
+            })
+    }
+
+    pub fn is_switchyard(self) -> bool {
+        matches!(self, Kind::Switchyard | Kind::SwitchyardDurable)
+    }
+
+    /// The name this system gives benchmark topic `name`.
+    pub fn topic(self, name: &str) -> String {
+        match self {
+            Kind::JetStream => format!("{}{name}", nats::JS_PREFIX),
+            _ => name.to_owned(),
+        }
+    }
+}
+
+/// The peers' addresses and PIDs (from `benches/peers.sh start`).
+#[derive(Debug, Clone)]
+pub struct Peers {
+    pub dir: PathBuf,
+    pub nats_url: String,
+    pub redis_url: String,
+    pub nats_pid: u32,
+    pub redis_pid: u32,
+}
+
+impl Peers {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("peers.sh")
+    }
+
+    /// Installs (if missing) and starts nats-server and redis-server, data in `dir`.
+    pub fn start(dir: &Path) -> Result<Peers> {
+        std::fs::create_dir_all(dir)?;
+        let output = Command::new("bash")
+            .arg(Self::script())
+            .arg("start")
+            .arg(dir)
+            .output()
+            .context("running benches/peers.sh")?;
+        if !output.status.success() {
+            bail!(
+                "benches/peers.sh start failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let env: HashMap<String, String> = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let get = |key: &str| {
+            env.get(key)
+                .cloned()
+                .with_context(|| format!("peers.sh printed no {key}"))
+        };
+        Ok(Peers {
+            dir: dir.to_owned(),
+            nats_url: get("NATS_URL")?,
+            redis_url: get("REDIS_URL")?,
+            nats_pid: get("NATS_PID")?.parse()?,
+            redis_pid: get("REDIS_PID")?.parse()?,
+        })
+    }
+
+    pub fn stop(&self) -> Result<()> {
+        let status = Command::new("bash")
+            .arg(Self::script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status()?;
+        if !status.success() {
+            bail!("benches/peers.sh stop failed");
+        }
+        Ok(())
+    }
+
+    /// Stops and starts both peers on fresh data (for memory measurements).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        let _ = std::fs::remove_dir_all(self.dir.join("nats"));
+        let _ = std::fs::remove_dir_all(self.dir.join("redis"));
+        *self = Peers::start(&self.dir)?;
+        Ok(())
+    }
+}
+
+/// Where every system runs.
+#[derive(Debug)]
+pub struct Systems {
+    pub switchyard: Option<switchyard::Server>,
+    pub peers: Option<Peers>,
+    /// The `switchyard` binary and the filters it serves.
+    pub switchyard_binary: PathBuf,
+    pub filters_dir: PathBuf,
+    pub work_dir: PathBuf,
+}
+
+impl Systems {
+    /// The PID of the server process behind `kind`.
+    pub fn pid(&self, kind: Kind) -> Option<u32> {
+        match kind {
+            Kind::Switchyard | Kind::SwitchyardDurable => self.switchyard.as_ref().map(|s| s.pid()),
+            Kind::Nats | Kind::JetStream => self.peers.as_ref().map(|p| p.nats_pid),
+            Kind::RedisPubSub | Kind::RedisStreams => self.peers.as_ref().map(|p| p.redis_pid),
+        }
+    }
+
+    pub fn switchyard_address(&self) -> Result<&str> {
+        Ok(&self
+            .switchyard
+            .as_ref()
+            .context("switchyard is not running")?
+            .address)
+    }
+
+    fn peers(&self) -> Result<&Peers> {
+        self.peers.as_ref().context("the peers are not running")
+    }
+
+    /// Starts a fresh Switchyard broker (a new, empty data directory).
+    pub fn fresh_switchyard(&mut self) -> Result<()> {
+        self.switchyard = None;
+        let dir = self.work_dir.join("switchyard");
+        let _ = std::fs::remove_dir_all(&dir);
+        let (server, _) =
+            switchyard::Server::start(&self.switchyard_binary, &dir, &self.filters_dir)?;
+        self.switchyard = Some(server);
+        Ok(())
+    }
+
+    /// Gets `kind` ready for a new scenario (JetStream: an empty stream).
+    pub async fn prepare(&self, kind: Kind) -> Result<()> {
+        if kind == Kind::JetStream {
+            nats::reset_stream(&self.peers()?.nats_url).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn publisher(&self, kind: Kind) -> Result<Publisher> {
+        Ok(match kind {
+            Kind::Switchyard | Kind::SwitchyardDurable => Publisher::Switchyard(
+                switchyard::Publisher::connect(
+                    self.switchyard_address()?,
+                    kind == Kind::SwitchyardDurable,
+                )
+                .await?,
+            ),
+            Kind::Nats => {
+                Publisher::Nats(nats::CorePublisher::connect(&self.peers()?.nats_url).await?)
+            }
+            Kind::JetStream => Publisher::JetStream(
+                nats::JetStreamPublisher::connect(&self.peers()?.nats_url).await?,
+            ),
+            Kind::RedisPubSub | Kind::RedisStreams => Publisher::Redis(
+                redis::Publisher::connect(&self.peers()?.redis_url, kind == Kind::RedisStreams)
+                    .await?,
+            ),
+        })
+    }
+
+    /// A consumer of new records on `topics` (system-specific names), subscribed
+    /// when this returns. JetStream and Redis Streams take one topic per consumer.
+    pub async fn consumer(&self, kind: Kind, topics: &[String]) -> Result<Consumer> {
+        Ok(match kind {
+            Kind::Switchyard | Kind::SwitchyardDurable => Consumer::Switchyard(
+                switchyard::Consumer::subscribe(
+                    self.switchyard_address()?,
+                    topics,
+                    switchyard_client::Start::Latest,
+                    None,
+                )
+                .await?,
+            ),
+            Kind::Nats => Consumer::Nats(
+                nats::CoreConsumer::subscribe(&self.peers()?.nats_url, topics).await?,
+            ),
+            Kind::JetStream => {
+                let [topic] = topics else {
+                    bail!("a JetStream consumer here reads one subject");
+                };
+                Consumer::JetStream(Box::new(
+                    nats::JetStreamConsumer::subscribe(&self.peers()?.nats_url, topic).await?,
+                ))
+            }
+            Kind::RedisPubSub => Consumer::RedisPubSub(
+                redis::PubSubConsumer::subscribe(&self.peers()?.redis_url, topics).await?,
+            ),
+            Kind::RedisStreams => {
+                let [topic] = topics else {
+                    bail!("a Redis Streams consumer here reads one key");
+                };
+                Consumer::RedisStreams(
+                    redis::StreamConsumer::subscribe(&self.peers()?.redis_url, topic).await?,
+                )
+            }
+        })
+    }
+
+    /// A Switchyard consumer of `topics` whose subscriptions use delivery filter
+    /// `filter` with the contexts `context(i)`.
+    pub async fn filtered_consumer(
+        &self,
+        topics: &[String],
+        filter: &str,
+        context: &dyn Fn(usize) -> HashMap<String, String>,
+    ) -> Result<Consumer> {
+        Ok(Consumer::Switchyard(
+            switchyard::Consumer::subscribe(
+                self.switchyard_address()?,
+                topics,
+                switchyard_client::Start::Latest,
+                Some((filter, context)),
+            )
+            .await?,
+        ))
+    }
+}
+
+#[derive(Debug)]
+pub enum Publisher {
+    Switchyard(switchyard::Publisher),
+    Nats(nats::CorePublisher),
+    JetStream(nats::JetStreamPublisher),
+    Redis(redis::Publisher),
+}
+
+impl Publisher {
+    /// Sends `payloads` to `topic`; acknowledgements are awaited by later calls
+    /// (bounded in flight) and by [`Publisher::flush`].
+    pub async fn publish(&mut self, topic: &str, payloads: Vec<Bytes>) -> Result<()> {
+        match self {
+            Publisher::Switchyard(p) => p.publish(topic, payloads).await,
+            Publisher::Nats(p) => p.publish(topic, payloads).await,
+            Publisher::JetStream(p) => p.publish(topic, payloads).await,
+            Publisher::Redis(p) => p.publish(topic, payloads).await,
+        }
+    }
+
+    /// Sends one payload to each of many topics (system-specific names).
+    pub async fn publish_many(&mut self, records: Vec<(String, Bytes)>) -> Result<()> {
+        match self {
+            Publisher::Switchyard(p) => {
+                let records = records
+                    .into_iter()
+                    .map(|(topic, payload)| switchyard_client::Record::new(topic, payload))
+                    .collect();
+                p.publish_records(records).await
+            }
+            Publisher::Nats(p) => {
+                for (subject, payload) in records {
+                    p.publish(&subject, vec![payload]).await?;
+                }
+                Ok(())
+            }
+            Publisher::JetStream(p) => {
+                for (subject, payload) in records {
+                    p.publish(&subject, vec![payload]).await?;
+                }
+                Ok(())
+            }
+            Publisher::Redis(p) => p.publish_many(records).await,
+        }
+    }
+
+    /// Waits until everything published is acknowledged (NATS core: flushed).
+    pub async fn flush(&mut self) -> Result<()> {
+        match self {
+            Publisher::Switchyard(p) => p.flush().await,
+            Publisher::Nats(p) => p.flush().await,
+            Publisher::JetStream(p) => p.flush().await,
+            Publisher::Redis(p) => p.flush().await,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Consumer {
+    Switchyard(switchyard::Consumer),
+    Nats(nats::CoreConsumer),
+    JetStream(Box<nats::JetStreamConsumer>),
+    RedisPubSub(redis::PubSubConsumer),
+    RedisStreams(redis::StreamConsumer),
+}
+
+impl Consumer {
+    /// Waits for the next deliveries and hands each payload to `f` with the number
+    /// of subscriptions it is for; false once the consumer's stream is gone.
+    pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
+        match self {
+            Consumer::Switchyard(c) => c.next_batch(f).await,
+            Consumer::Nats(c) => c.next_batch(f).await,
+            Consumer::JetStream(c) => c.next_batch(f).await,
+            Consumer::RedisPubSub(c) => c.next_batch(f).await,
+            Consumer::RedisStreams(c) => c.next_batch(f).await,
+        }
+    }
+}
