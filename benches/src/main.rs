@@ -72,6 +72,9 @@ struct RunArgs {
     /// How long each throughput and latency run publishes (default 3s).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+    /// Payload sizes (bytes) of the throughput scenario.
+    #[arg(long, value_delimiter = ',')]
+    payloads: Option<Vec<usize>>,
     /// Topic counts for the many-topics scenario (the peers run the smallest).
     #[arg(long, value_delimiter = ',')]
     many_topics: Option<Vec<u64>>,
@@ -148,6 +151,9 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(duration) = args.duration {
         sizes.duration = duration;
+    }
+    if let Some(payloads) = args.payloads {
+        sizes.payloads = payloads;
     }
     if let Some(counts) = args.many_topics {
         sizes.many_topics = counts;

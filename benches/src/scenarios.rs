@@ -19,6 +19,8 @@ use crate::systems::{Consumer, Kind, Systems};
 #[derive(Debug, Clone)]
 pub struct Sizes {
     pub reps: usize,
+    /// Payload sizes of the throughput scenario.
+    pub payloads: Vec<usize>,
     /// How long each throughput or latency run publishes.
     pub duration: Duration,
     /// Most records a throughput run publishes.
@@ -36,6 +38,7 @@ impl Sizes {
     pub fn full() -> Sizes {
         Sizes {
             reps: 3,
+            payloads: vec![100, 1024],
             duration: Duration::from_secs(3),
             max_records: 20_000_000,
             fanout_streams: 100,
@@ -50,6 +53,7 @@ impl Sizes {
     pub fn smoke() -> Sizes {
         Sizes {
             reps: 1,
+            payloads: vec![100, 1024],
             duration: Duration::from_millis(300),
             max_records: 20_000,
             fanout_streams: 3,
@@ -164,7 +168,7 @@ pub async fn throughput(
     sizes: &Sizes,
     results: &mut Results,
 ) -> Result<()> {
-    for size in [100usize, 1024] {
+    for size in sizes.payloads.clone() {
         let case = format!("{size}B");
         for &kind in kinds {
             let mut rate =

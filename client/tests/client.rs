@@ -124,6 +124,64 @@ async fn producer_batches_pipelines_and_keeps_per_topic_order() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_batch_sends_in_order_after_earlier_records_and_checks_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;
+    let config = ProducerConfig {
+        max_batch_records: 300,
+        // A long linger: the batch must not wait for it, nor overtake this record.
+        linger: Duration::from_secs(30),
+        queue_records: 500,
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::connect(&broker.url(), config).await.unwrap();
+    let first = producer
+        .send(Record::new("guild.1", "first"))
+        .await
+        .unwrap();
+    // 2,500 records over two topics: split into batches of at most 300, and
+    // queued past the 500-record queue bound as earlier batches go out.
+    let records: Vec<Record> = (0..2_500u32)
+        .map(|i| Record::new(format!("guild.{}", 1 + i % 2), i.to_string()))
+        .collect();
+    let positions = tokio::time::timeout(Duration::from_secs(10), async {
+        producer.send_batch(records).await.unwrap().await.unwrap()
+    })
+    .await
+    .expect("a batch does not wait for the linger time");
+    assert_eq!(first.await.unwrap().offset, 0);
+    assert_eq!(positions.len(), 2_500);
+    for (i, position) in positions.iter().enumerate() {
+        // guild.1 had "first" at offset 0.
+        let expected = if i % 2 == 0 { 1 + i / 2 } else { i / 2 };
+        assert_eq!(position.offset, expected as u64, "record {i}");
+    }
+    // One bad record: an error naming it, and nothing of the batch is sent.
+    let error = producer
+        .send_batch(vec![
+            Record::new("guild.3", "ok"),
+            Record::new("guild 3", "bad"),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Refused { code: tonic::Code::InvalidArgument, message } if message.contains("guild 3")),
+        "{error}"
+    );
+    let after = producer
+        .send_batch(vec![Record::new("guild.3", "after")])
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        after[0].offset, 0,
+        "guild.3 got nothing from the refused batch"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_records_are_refused_with_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;

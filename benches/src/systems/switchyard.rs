@@ -40,6 +40,10 @@ impl Server {
             .arg("--filters-dir")
             .arg(filters_dir)
             .env("RUST_LOG", "warn")
+            // As the peers are run (Redis: no output buffer limit; NATS: 64 MB per
+            // subscriber), a generous buffer per subscriber stream, so that the
+            // benchmark's own subscriber lagging for a moment is not cut off.
+            .env("SWITCHYARD_MAX_PENDING_MIB_PER_STREAM", "256")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
