@@ -234,7 +234,11 @@ pub async fn serve(
     let end = loop {
         let step = tokio::select! {
             request = inbound.message(), if inbound_open => match request {
-                Ok(Some(request)) => stream.command(request).await,
+                Ok(Some(request)) => {
+                    let (result, open) = commands(&mut stream, &mut inbound, request).await;
+                    inbound_open = open;
+                    result
+                }
                 // The client has nothing more to ask; deliveries go on.
                 Ok(None) => { inbound_open = false; Ok(()) }
                 Err(_) => Err(End::ClientGone),
@@ -268,6 +272,49 @@ pub async fn serve(
         // Not through `out`, which may be full: the response stream merges this in.
         let _ = final_status.send(status);
     }
+}
+
+/// Subscriptions added together at most (see [`SubscriberStream::add_many`]).
+const MAX_ADD_GROUP: usize = 1024;
+
+/// Handles `first` and, when it adds a subscription, the adds already waiting
+/// behind it as one group; any other command pulled meanwhile is handled after the
+/// group. Says whether the client's side of the stream is still open.
+async fn commands(
+    stream: &mut SubscriberStream,
+    inbound: &mut Streaming<pb::SubscribeRequest>,
+    first: pb::SubscribeRequest,
+) -> (Result<(), End>, bool) {
+    use futures_util::FutureExt;
+    use pb::subscribe_request::Command;
+    let Some(Command::Add(subscription)) = first.command else {
+        return (stream.command(first).await, true);
+    };
+    let mut adds = vec![subscription];
+    let mut after = None;
+    let mut open = true;
+    while adds.len() < MAX_ADD_GROUP {
+        match inbound.message().now_or_never() {
+            Some(Ok(Some(pb::SubscribeRequest {
+                command: Some(Command::Add(subscription)),
+            }))) => adds.push(subscription),
+            Some(Ok(Some(other))) => {
+                after = Some(other);
+                break;
+            }
+            Some(Ok(None)) => {
+                open = false;
+                break;
+            }
+            Some(Err(_)) => return (Err(End::ClientGone), false),
+            None => break,
+        }
+    }
+    let mut result = stream.add_many(adds).await;
+    if let (Ok(()), Some(request)) = (&result, after) {
+        result = stream.command(request).await;
+    }
+    (result, open)
 }
 
 impl SubscriberStream {
@@ -324,7 +371,7 @@ impl SubscriberStream {
     async fn command(&mut self, request: pb::SubscribeRequest) -> Result<(), End> {
         use pb::subscribe_request::Command;
         match request.command {
-            Some(Command::Add(subscription)) => self.add(subscription).await,
+            Some(Command::Add(subscription)) => self.add_many(vec![subscription]).await,
             Some(Command::Remove(pb::Unsubscribe { id })) => {
                 if self.forget(id) {
                     self.send(update(
@@ -362,22 +409,55 @@ impl SubscriberStream {
         }
     }
 
-    async fn add(&mut self, request: pb::Subscription) -> Result<(), End> {
-        let id = request.id;
-        if self.subscriptions.contains_key(&id) {
-            let message = format!("subscription id {id} is already in use on this stream");
-            return self.send(refusal(id, Code::AlreadyExists, message)).await;
+    /// Adds subscriptions: each is checked in order, the shard steps of those
+    /// accepted run concurrently (a shard thread takes them back to back, instead
+    /// of one round trip per subscription), and each is answered in request order.
+    async fn add_many(&mut self, requests: Vec<pb::Subscription>) -> Result<(), End> {
+        let mut accepted: Vec<(pb::Subscription, u64)> = Vec::with_capacity(requests.len());
+        for request in requests {
+            let in_group = accepted.iter().any(|(r, _)| r.id == request.id);
+            if let Some(refused) = self.check_add(&request, in_group, accepted.len()) {
+                self.send(refused).await?;
+                continue;
+            }
+            let generation = self.next_generation;
+            self.next_generation += 1;
+            accepted.push((request, generation));
         }
-        if self.subscriptions.len() >= self.limits.max_subscriptions {
+        let joins = futures_util::future::join_all(
+            accepted
+                .iter()
+                .map(|(request, generation)| self.join(request, *generation)),
+        )
+        .await;
+        for ((request, generation), joined) in accepted.into_iter().zip(joins) {
+            self.started(request, generation, joined).await?;
+        }
+        Ok(())
+    }
+
+    /// Why subscription `request` is refused, if it is; `in_group` says its id is
+    /// taken by an earlier request of the same group, `pending` how many of the
+    /// group are accepted so far.
+    fn check_add(
+        &self,
+        request: &pb::Subscription,
+        in_group: bool,
+        pending: usize,
+    ) -> Option<pb::SubscribeResponse> {
+        let id = request.id;
+        if in_group || self.subscriptions.contains_key(&id) {
+            let message = format!("subscription id {id} is already in use on this stream");
+            return Some(refusal(id, Code::AlreadyExists, message));
+        }
+        if self.subscriptions.len() + pending >= self.limits.max_subscriptions {
             let max = self.limits.max_subscriptions;
             let message = format!("a stream holds at most {max} subscriptions");
-            return self
-                .send(refusal(id, Code::ResourceExhausted, message))
-                .await;
+            return Some(refusal(id, Code::ResourceExhausted, message));
         }
         if let Err(error) = validate_topic_name(&request.topic) {
             let message = format!("invalid topic name {:?}: {error}", request.topic);
-            return self.send(refusal(id, Code::InvalidArgument, message)).await;
+            return Some(refusal(id, Code::InvalidArgument, message));
         }
         if !request.filter.is_empty() && self.limits.filters.get(&request.filter).is_none() {
             let loaded: Vec<String> = self
@@ -391,48 +471,72 @@ impl SubscriberStream {
                 "no delivery filter named {:?} is loaded (loaded: {loaded:?})",
                 request.filter
             );
-            return self.send(refusal(id, Code::NotFound, message)).await;
+            return Some(refusal(id, Code::NotFound, message));
         }
+        None
+    }
+
+    /// Validates the start, reads the topic's state and follows it, in one step on
+    /// its shard's thread: no append can fall in between. Gives the shard, the
+    /// first position to deliver and the topic's next offset.
+    fn join(
+        &self,
+        request: &pb::Subscription,
+        generation: u64,
+    ) -> impl std::future::Future<Output = Result<(u32, pb::Position, u64), ReadError>> + use<>
+    {
         use pb::start_position::Start;
         let start = request
             .start
+            .clone()
             .and_then(|s| s.start)
             .unwrap_or(Start::Latest(pb::Latest {}));
-        let generation = self.next_generation;
-        self.next_generation += 1;
-        // Validate, read the topic's state and follow it, in one step on its shard's
-        // thread: no append can fall in between.
+        let id = request.id;
         let topic = request.topic.clone();
         let hub = self.hub.clone();
         let sink = self.sink.clone();
-        let joined = self
-            .store
-            .on_shard_of(&request.topic, move |shard| {
-                if let Start::Resume(position) = &start {
-                    shard.validate_position(&topic, position.offset, position.epoch)?;
-                }
-                let info = shard.topic_info(&topic)?;
-                hub.follow(shard.id(), &topic, &sink, id, generation);
-                let (epoch, earliest, next) =
-                    info.map_or((0, 0, 0), |i| (i.epoch, i.earliest_offset, i.next_offset));
-                // Where the subscription starts; for a resume, the position given.
-                let first = match start {
-                    Start::Latest(_) => pb::Position {
-                        offset: next,
-                        epoch,
-                    },
-                    Start::Earliest(_) => pb::Position {
-                        offset: earliest,
-                        epoch,
-                    },
-                    Start::Resume(position) => position,
-                };
-                Ok::<_, ReadError>((shard.id(), first, next))
-            })
-            .await;
+        let store = self.store.clone();
+        async move {
+            let name = topic.clone();
+            store
+                .on_shard_of(&name, move |shard| {
+                    if let Start::Resume(position) = &start {
+                        shard.validate_position(&topic, position.offset, position.epoch)?;
+                    }
+                    let info = shard.topic_info(&topic)?;
+                    hub.follow(shard.id(), &topic, &sink, id, generation);
+                    let (epoch, earliest, next) =
+                        info.map_or((0, 0, 0), |i| (i.epoch, i.earliest_offset, i.next_offset));
+                    // Where the subscription starts; for a resume, the position given.
+                    let first = match start {
+                        Start::Latest(_) => pb::Position {
+                            offset: next,
+                            epoch,
+                        },
+                        Start::Earliest(_) => pb::Position {
+                            offset: earliest,
+                            epoch,
+                        },
+                        Start::Resume(position) => position,
+                    };
+                    Ok::<_, ReadError>((shard.id(), first, next))
+                })
+                .await?
+        }
+    }
+
+    /// Records a joined subscription (starting its replay if it needs one) and
+    /// answers Started — or ends it, when the join failed.
+    async fn started(
+        &mut self,
+        request: pb::Subscription,
+        generation: u64,
+        joined: Result<(u32, pb::Position, u64), ReadError>,
+    ) -> Result<(), End> {
+        let id = request.id;
         let (shard, first, next) = match joined {
-            Ok(Ok(joined)) => joined,
-            Ok(Err(error)) | Err(error) => return self.send(ended(id, &error)).await,
+            Ok(joined) => joined,
+            Err(error) => return self.send(ended(id, &error)).await,
         };
         let replaying = (first.offset < next).then(|| {
             let task = tokio::spawn(replay(
