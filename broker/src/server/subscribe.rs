@@ -488,7 +488,6 @@ impl SubscriberStream {
         use pb::start_position::Start;
         let start = request
             .start
-            .clone()
             .and_then(|s| s.start)
             .unwrap_or(Start::Latest(pb::Latest {}));
         let id = request.id;
