@@ -20,8 +20,8 @@ install() {
         echo "peers: installing ${missing[*]}" >&2
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo="sudo"
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+        $sudo ${sudo:+-n} env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+        $sudo ${sudo:+-n} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
         # The Debian package starts a system redis on 6379; the benchmark runs its own.
         if [[ " ${missing[*]} " == *" redis-server "* ]]; then
             $sudo systemctl disable --now redis-server >/dev/null 2>&1 || true
@@ -42,6 +42,12 @@ wait_port() {
 start() {
     local dir=$1
     install
+    for port in "$nats_port" "$redis_port"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "peers: 127.0.0.1:$port is already in use (a peer left running? benches/peers.sh stop DIR)" >&2
+            return 1
+        fi
+    done
     mkdir -p "$dir/nats" "$dir/redis"
     local nats redis
     nats=$(command -v nats-server || echo /usr/sbin/nats-server)
@@ -56,8 +62,12 @@ start() {
         --appendonly no --protected-mode no \
         --client-output-buffer-limit "pubsub 0 0 0" >"$dir/redis.log" 2>&1 &
     echo $! >"$dir/redis.pid"
-    wait_port "$nats_port" nats-server
-    wait_port "$redis_port" redis-server
+    if ! wait_port "$nats_port" nats-server || ! wait_port "$redis_port" redis-server \
+        || ! kill -0 "$(cat "$dir/nats.pid")" 2>/dev/null || ! kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; then
+        echo "peers: start failed; logs in $dir/nats.log and $dir/redis.log" >&2
+        stop "$dir"
+        return 1
+    fi
     cat >"$dir/peers.env" <<ENV
 NATS_URL=nats://127.0.0.1:$nats_port
 REDIS_URL=redis://127.0.0.1:$redis_port/

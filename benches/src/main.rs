@@ -194,6 +194,9 @@ async fn run(args: RunArgs) -> Result<()> {
         filters_dir,
         work_dir: work_dir.clone(),
     };
+    // Stops the peers however the run ends (an error, a panic): by the PIDs in
+    // their directory, which restarts keep current.
+    let _peers_guard = PeersGuard(work_dir.join("peers"));
     if kinds.iter().any(|k| !k.is_switchyard()) {
         eprintln!("starting the peers (benches/peers.sh)");
         systems.peers = Some(Peers::start(&work_dir.join("peers"))?);
@@ -209,6 +212,17 @@ async fn run(args: RunArgs) -> Result<()> {
     print!("{}", results.markdown());
     eprintln!("results in {}", args.out.display());
     Ok(())
+}
+
+/// Stops the peers started in a directory when dropped.
+struct PeersGuard(PathBuf);
+
+impl Drop for PeersGuard {
+    fn drop(&mut self) {
+        if self.0.exists() {
+            let _ = Peers::stop_dir(&self.0);
+        }
+    }
 }
 
 async fn run_scenarios(

@@ -84,6 +84,9 @@ struct Outcome {
     deliveries: u64,
     last: Option<Instant>,
     latency: Option<Histogram<u64>>,
+    /// Kept alive until the scenario has read what it needs (e.g. the server's RSS
+    /// with every subscription still in place).
+    _consumer: Consumer,
 }
 
 impl Counter {
@@ -129,13 +132,17 @@ impl Counter {
                         Ok(Err(error)) => return Err(error),
                         Err(_) => break,
                     },
-                    _ = expected.changed() => {}
+                    changed = expected.changed() => if changed.is_err() {
+                        // The scenario gave up (its publisher failed).
+                        break;
+                    }
                 }
             }
             Ok(Outcome {
                 deliveries,
                 last,
                 latency,
+                _consumer: consumer,
             })
         });
         Counter { received, task }

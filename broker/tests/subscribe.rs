@@ -220,6 +220,68 @@ async fn bad_subscriptions_are_refused_one_by_one() {
     broker.stop().await;
 }
 
+#[tokio::test]
+async fn a_burst_of_adds_is_answered_in_request_order() {
+    let config = ServerConfig {
+        max_subscriptions_per_stream: 300,
+        ..ServerConfig::default()
+    };
+    let broker = Broker::start_with(config).await;
+    let mut client = broker.client().await;
+    let mut subscriber = Subscriber::open(&mut client).await;
+    // Sent without waiting, so the broker takes them in groups: 250 good adds,
+    // a repeated id, a bad topic, a removal and a re-add of the removed id, then
+    // more adds than the stream may hold.
+    for id in 0..250 {
+        subscriber.add(id, &format!("user.{id}"), latest()).await;
+    }
+    subscriber.add(7, "user.other", latest()).await;
+    subscriber.add(250, "bad topic", latest()).await;
+    subscriber.remove(3).await;
+    subscriber.add(3, "user.3b", latest()).await;
+    for id in 251..320 {
+        subscriber.add(id, &format!("user.{id}"), latest()).await;
+    }
+    let mut kinds = Vec::new();
+    for _ in 0..(250 + 4 + 69) {
+        let update = subscriber.update().await;
+        kinds.push(match update.state {
+            Some(State::Started(_)) => (update.id, "started"),
+            Some(State::Removed(_)) => (update.id, "removed"),
+            Some(State::Error(error)) => (
+                update.id,
+                match Code::from_i32(error.code) {
+                    Code::AlreadyExists => "exists",
+                    Code::InvalidArgument => "invalid",
+                    Code::ResourceExhausted => "full",
+                    other => panic!("unexpected refusal {other:?}"),
+                },
+            ),
+            other => panic!("unexpected update {other:?}"),
+        });
+    }
+    let mut expected: Vec<(u64, &str)> = (0..250).map(|id| (id, "started")).collect();
+    expected.extend([
+        (7, "exists"),
+        (250, "invalid"),
+        (3, "removed"),
+        (3, "started"),
+    ]);
+    // 250 live after the removal and re-add: 50 more fit.
+    expected.extend((251..301).map(|id| (id, "started")));
+    expected.extend((301..320).map(|id| (id, "full")));
+    assert_eq!(kinds, expected);
+    // Every started subscription is live.
+    publish_n(&mut client, "user.249", 0..1).await;
+    assert_eq!(
+        subscriber.deliveries(1).await[0].subscription_ids,
+        vec![249]
+    );
+    publish_n(&mut client, "user.3b", 0..1).await;
+    assert_eq!(subscriber.deliveries(1).await[0].subscription_ids, vec![3]);
+    broker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_cut_off_while_a_fast_one_keeps_receiving() {
     let config = ServerConfig {

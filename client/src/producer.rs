@@ -206,6 +206,10 @@ impl std::future::Future for PendingPosition {
 
 /// The acknowledgement of a batch sent with [`Producer::send_batch`], to await: the
 /// positions of its records, in order.
+///
+/// A batch larger than the batch limits travels in parts; if a part fails, the
+/// error is returned and parts before it may have been written (at-least-once, as
+/// for retries: resending the whole batch can write those records twice).
 #[derive(Debug)]
 pub struct PendingBatch {
     parts: Vec<oneshot::Receiver<Result<Vec<Position>, ClientError>>>,
@@ -221,6 +225,10 @@ impl std::future::Future for PendingBatch {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         let this = &mut *self;
+        assert!(
+            this.done != usize::MAX,
+            "PendingBatch polled after it completed"
+        );
         while this.done < this.parts.len() {
             match std::pin::Pin::new(&mut this.parts[this.done]).poll(cx) {
                 std::task::Poll::Pending => return std::task::Poll::Pending,
@@ -229,13 +237,16 @@ impl std::future::Future for PendingBatch {
                     this.done += 1;
                 }
                 std::task::Poll::Ready(Ok(Err(error))) => {
+                    this.done = usize::MAX;
                     return std::task::Poll::Ready(Err(error));
                 }
                 std::task::Poll::Ready(Err(_)) => {
+                    this.done = usize::MAX;
                     return std::task::Poll::Ready(Err(ClientError::Closed));
                 }
             }
         }
+        this.done = usize::MAX;
         std::task::Poll::Ready(Ok(std::mem::take(&mut this.positions)))
     }
 }
@@ -385,7 +396,7 @@ impl Batcher {
         let mut deadline: Option<Instant> = None;
         let mut queue_open = true;
         // A caller's batch, sent once the records gathered before it are.
-        let mut whole: Option<(Vec<pb::PublishRecord>, BatchReply)> = None;
+        let mut whole: Option<(Vec<pb::PublishRecord>, BatchReply, OwnedSemaphorePermit)> = None;
         loop {
             if !queue_open && batch.is_empty() && whole.is_none() && self.in_flight.is_empty() {
                 return;
@@ -393,8 +404,10 @@ impl Batcher {
             let room = self.in_flight.len() < self.config.max_in_flight;
             if whole.is_some() && room {
                 if batch.is_empty() {
-                    let (records, reply) = whole.take().expect("checked");
+                    let (records, reply, permit) = whole.take().expect("checked");
                     self.dispatch(records, Replies::Whole(reply)).await;
+                    // The records now count against the in-flight bound instead.
+                    drop(permit);
                 } else {
                     self.dispatch_gathered(std::mem::take(&mut batch)).await;
                     batch_bytes = 0;
@@ -417,7 +430,7 @@ impl Batcher {
                         batch.push((record, reply));
                         deadline.get_or_insert_with(|| Instant::now() + self.config.linger);
                     }
-                    Some(Queued::Whole { records, reply, _permit }) => whole = Some((records, reply)),
+                    Some(Queued::Whole { records, reply, _permit }) => whole = Some((records, reply, _permit)),
                     None => queue_open = false,
                 },
                 () = sleep_until(deadline), if deadline.is_some() && room => {

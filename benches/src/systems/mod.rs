@@ -121,10 +121,15 @@ impl Peers {
     }
 
     pub fn stop(&self) -> Result<()> {
+        Self::stop_dir(&self.dir)
+    }
+
+    /// Stops the peers whose PID files are in `dir`.
+    pub fn stop_dir(dir: &Path) -> Result<()> {
         let status = Command::new("bash")
             .arg(Self::script())
             .arg("stop")
-            .arg(&self.dir)
+            .arg(dir)
             .status()?;
         if !status.success() {
             bail!("benches/peers.sh stop failed");

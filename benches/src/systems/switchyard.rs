@@ -44,6 +44,8 @@ impl Server {
             // subscriber), a generous buffer per subscriber stream, so that the
             // benchmark's own subscriber lagging for a moment is not cut off.
             .env("SWITCHYARD_MAX_PENDING_MIB_PER_STREAM", "256")
+            // The many-topics scenario holds up to 10M subscriptions on one stream.
+            .env("SWITCHYARD_MAX_SUBSCRIPTIONS_PER_STREAM", "20000000")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -15,6 +15,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
+
 use switchyard_proto as pb;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -276,6 +278,8 @@ pub async fn serve(
 
 /// Subscriptions added together at most (see [`SubscriberStream::add_many`]).
 const MAX_ADD_GROUP: usize = 1024;
+/// Shard steps of one group in flight at once.
+const JOIN_CONCURRENCY: usize = 64;
 
 /// Handles `first` and, when it adds a subscription, the adds already waiting
 /// behind it as one group; any other command pulled meanwhile is handled after the
@@ -411,42 +415,70 @@ impl SubscriberStream {
 
     /// Adds subscriptions: each is checked in order, the shard steps of those
     /// accepted run concurrently (a shard thread takes them back to back, instead
-    /// of one round trip per subscription), and each is answered in request order.
+    /// of one round trip per subscription; at most JOIN_CONCURRENCY at a time), and
+    /// the answers go out in request order. A repeated id ends a group: the repeat
+    /// is checked against the outcome of the first.
     async fn add_many(&mut self, requests: Vec<pb::Subscription>) -> Result<(), End> {
-        let mut accepted: Vec<(pb::Subscription, u64)> = Vec::with_capacity(requests.len());
-        for request in requests {
-            let in_group = accepted.iter().any(|(r, _)| r.id == request.id);
-            if let Some(refused) = self.check_add(&request, in_group, accepted.len()) {
-                self.send(refused).await?;
-                continue;
+        let mut requests = requests.into_iter().peekable();
+        while requests.peek().is_some() {
+            // Ok: accepted (request, generation); Err: the refusal to send.
+            let mut group: Vec<Result<(pb::Subscription, u64), pb::SubscribeResponse>> = Vec::new();
+            let mut accepted = 0;
+            while let Some(request) = requests.next_if(|r| {
+                !group
+                    .iter()
+                    .any(|g| matches!(g, Ok((a, _)) if a.id == r.id))
+            }) {
+                match self.check_add(&request, accepted) {
+                    Some(refusal) => group.push(Err(refusal)),
+                    None => {
+                        let generation = self.next_generation;
+                        self.next_generation += 1;
+                        accepted += 1;
+                        group.push(Ok((request, generation)));
+                    }
+                }
             }
-            let generation = self.next_generation;
-            self.next_generation += 1;
-            accepted.push((request, generation));
-        }
-        let joins = futures_util::future::join_all(
-            accepted
-                .iter()
-                .map(|(request, generation)| self.join(request, *generation)),
-        )
-        .await;
-        for ((request, generation), joined) in accepted.into_iter().zip(joins) {
-            self.started(request, generation, joined).await?;
+            let joins: Vec<_> = futures_util::stream::iter(
+                group
+                    .iter()
+                    .filter_map(|g| g.as_ref().ok())
+                    .map(|(request, generation)| self.join(request, *generation))
+                    .collect::<Vec<_>>(),
+            )
+            .buffered(JOIN_CONCURRENCY)
+            .collect()
+            .await;
+            let mut joins = joins.into_iter();
+            // Every joined subscription is recorded (so that the stream's end
+            // unfollows it) even when an answer can no longer be sent.
+            let mut result = Ok(());
+            for entry in group {
+                let answer = match entry {
+                    Err(refusal) => refusal,
+                    Ok((request, generation)) => {
+                        let joined = joins.next().expect("one join per accepted add");
+                        self.record(request, generation, joined)
+                    }
+                };
+                if result.is_ok() {
+                    result = self.send(answer).await;
+                }
+            }
+            result?;
         }
         Ok(())
     }
 
-    /// Why subscription `request` is refused, if it is; `in_group` says its id is
-    /// taken by an earlier request of the same group, `pending` how many of the
-    /// group are accepted so far.
+    /// Why subscription `request` is refused, if it is; `pending` says how many of
+    /// its group are accepted so far.
     fn check_add(
         &self,
         request: &pb::Subscription,
-        in_group: bool,
         pending: usize,
     ) -> Option<pb::SubscribeResponse> {
         let id = request.id;
-        if in_group || self.subscriptions.contains_key(&id) {
+        if self.subscriptions.contains_key(&id) {
             let message = format!("subscription id {id} is already in use on this stream");
             return Some(refusal(id, Code::AlreadyExists, message));
         }
@@ -525,17 +557,17 @@ impl SubscriberStream {
     }
 
     /// Records a joined subscription (starting its replay if it needs one) and
-    /// answers Started — or ends it, when the join failed.
-    async fn started(
+    /// gives its Started answer — or the answer that ends it, when the join failed.
+    fn record(
         &mut self,
         request: pb::Subscription,
         generation: u64,
         joined: Result<(u32, pb::Position, u64), ReadError>,
-    ) -> Result<(), End> {
+    ) -> pb::SubscribeResponse {
         let id = request.id;
         let (shard, first, next) = match joined {
             Ok(joined) => joined,
-            Err(error) => return self.send(ended(id, &error)).await,
+            Err(error) => return ended(id, &error),
         };
         let replaying = (first.offset < next).then(|| {
             let task = tokio::spawn(replay(
@@ -562,11 +594,10 @@ impl SubscriberStream {
                 context: Context::new(request.context),
             },
         );
-        self.send(update(
+        update(
             id,
             pb::subscription_update::State::Started(pb::Started { next: Some(first) }),
-        ))
-        .await
+        )
     }
 
     /// A live delivery: straight out for subscriptions that are live, held back for
