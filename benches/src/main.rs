@@ -23,6 +23,11 @@ use report::Results;
 use scenarios::Sizes;
 use systems::{Kind, Peers, Systems};
 
+/// The load generator allocates as the broker does (mimalloc), so that the system
+/// allocator does not eat into the CPU that client and servers share.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "switchyard-bench", version)]
 struct Cli {

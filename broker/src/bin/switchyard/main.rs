@@ -11,6 +11,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc rather than the system allocator: records are allocated on a shard's
+/// writer thread and freed on the runtime's threads, which glibc's allocator serves
+/// slowly (arena locks, consolidation); measured in docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Switchyard: a message broker for the real-time gateway of a chat platform.
 #[derive(Debug, Parser)]
 #[command(name = "switchyard", version, propagate_version = true)]
