@@ -93,6 +93,63 @@ async fn live_records_arrive_in_order_once_per_stream_with_every_matching_id() {
 }
 
 #[tokio::test]
+async fn one_published_batch_for_many_subscriptions_goes_out_in_bounded_responses() {
+    // 3,000 subscriptions to one topic on one stream, plus one to another topic:
+    // each delivery of guild.1 names 3,000 ids (24 KB), so one published batch of
+    // 400 records makes ~10 MB of deliveries, more than a client accepts in one
+    // message (4 MiB by default). They must come in several responses, in order.
+    let broker = Broker::start().await;
+    let mut client = broker.client().await;
+    let mut subscriber = Subscriber::open(&mut client).await;
+    for id in 1..=3000 {
+        subscriber.add(id, "guild.1", latest()).await;
+    }
+    subscriber.add(9000, "user.9", latest()).await;
+    for _ in 0..3001 {
+        subscriber.update().await;
+    }
+    // One request with both topics interleaved: one append on the shard.
+    let records = (0..400u32)
+        .map(|i| match i % 4 {
+            3 => record("user.9", &i.to_string()),
+            _ => record("guild.1", &i.to_string()),
+        })
+        .collect();
+    client
+        .publish(publish(0, records, pb::AckLevel::Written))
+        .await
+        .unwrap();
+    let mut responses = 0;
+    let mut deliveries = Vec::new();
+    while deliveries.len() < 400 {
+        match subscriber
+            .next()
+            .await
+            .expect("no response over the size limit")
+        {
+            Event::Deliveries(batch) => {
+                responses += 1;
+                deliveries.extend(batch.deliveries);
+            }
+            Event::Update(update) => panic!("unexpected update {update:?}"),
+        }
+    }
+    assert!(responses >= 3, "{responses} responses");
+    let (guild, user): (Vec<_>, Vec<_>) = deliveries.iter().partition(|d| d.topic == "guild.1");
+    assert_eq!((guild.len(), user.len()), (300, 100));
+    for (i, delivery) in guild.iter().enumerate() {
+        assert_eq!(delivery.offset, i as u64);
+        assert_eq!(delivery.subscription_ids.len(), 3000);
+    }
+    for (i, delivery) in user.iter().enumerate() {
+        assert_eq!(delivery.offset, i as u64);
+        assert_eq!(delivery.subscription_ids, vec![9000]);
+        assert_eq!(delivery.payload, (i * 4 + 3).to_string().as_bytes());
+    }
+    broker.stop().await;
+}
+
+#[tokio::test]
 async fn replay_from_earliest_joins_the_live_tail_without_gap_or_repeat() {
     let broker = Broker::start().await;
     let mut client = broker.client().await;

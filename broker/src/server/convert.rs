@@ -3,6 +3,7 @@
 
 use switchyard_proto as pb;
 
+use crate::server::hub::LiveBatch;
 use crate::storage::{Ack, Appended, Header, NewRecord, Record, TopicInfo};
 
 pub fn ack(level: pb::AckLevel) -> Ack {
@@ -56,6 +57,28 @@ pub fn delivery(record: Record, subscription_ids: Vec<u64>) -> pb::Delivery {
             .collect(),
         payload: record.payload,
         subscription_ids,
+    }
+}
+
+/// Record `index` of a live batch, for no subscription yet.
+pub fn live_delivery(batch: &LiveBatch, index: usize) -> pb::Delivery {
+    let record = &batch.records[index];
+    let position = batch.positions[index];
+    pb::Delivery {
+        topic: record.topic.clone(),
+        offset: position.offset,
+        epoch: position.epoch,
+        timestamp_ms: batch.timestamp_ms,
+        headers: record
+            .headers
+            .iter()
+            .map(|h| pb::Header {
+                key: h.key.clone(),
+                value: h.value.clone(),
+            })
+            .collect(),
+        payload: record.payload.clone(),
+        subscription_ids: Vec::new(),
     }
 }
 

@@ -13,17 +13,41 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use switchyard_proto as pb;
 use tokio::sync::{Notify, mpsc};
 
 use crate::storage::{AppendObserver, Appended, NewRecord};
 
+/// Records one shard appended in one step, shared by every stream that follows
+/// some of them (nothing is copied per stream on the writer's thread).
+#[derive(Debug)]
+pub struct LiveBatch {
+    pub records: Vec<NewRecord>,
+    pub positions: Vec<Appended>,
+    pub timestamp_ms: u64,
+}
+
+/// The subscriptions of one stream to one topic, as `(id, generation)` pairs (an id
+/// can be removed and used again; the generation tells the stream which use a
+/// record was meant for).
+pub type Subscribers = Arc<[(u64, u64)]>;
+
+/// One record of a [`LiveBatch`] for some of a stream's subscriptions.
+#[derive(Debug)]
+pub struct LiveItem {
+    /// Where the record is in the batch.
+    pub index: u32,
+    pub subscribers: Subscribers,
+}
+
 /// What the hub sends a stream.
 #[derive(Debug)]
 pub enum LiveEvent {
-    /// A record for some of the stream's subscriptions, the generation of each (in
-    /// the order of `subscription_ids`), and the bytes it counts for.
-    Delivery(pb::Delivery, Vec<u64>, usize),
+    /// Records of one appended batch, in log order, and the bytes they count for.
+    Records {
+        batch: Arc<LiveBatch>,
+        items: Vec<LiveItem>,
+        bytes: usize,
+    },
     /// The stream let more than its cap pile up and is cut off.
     CutOff { pending_bytes: usize },
 }
@@ -81,36 +105,35 @@ impl StreamSink {
         }
     }
 
-    fn push(&self, delivery: pb::Delivery, generations: Vec<u64>, stats: &HubStats) {
+    fn push(&self, batch: &Arc<LiveBatch>, items: Vec<LiveItem>, bytes: usize, stats: &HubStats) {
         if self.cut.load(Ordering::Relaxed) {
             return;
         }
-        let bytes = delivery_bytes(&delivery);
         let pending = self.pending_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if pending > self.max_pending_bytes {
             self.cut(pending, stats);
             return;
         }
-        stats.deliveries.fetch_add(1, Ordering::Relaxed);
-        let _ = self
-            .events
-            .send(LiveEvent::Delivery(delivery, generations, bytes));
+        stats
+            .deliveries
+            .fetch_add(items.len() as u64, Ordering::Relaxed);
+        let _ = self.events.send(LiveEvent::Records {
+            batch: batch.clone(),
+            items,
+            bytes,
+        });
     }
 }
 
-/// Bytes a delivery counts for against a stream's cap: its content plus a fixed
-/// allowance for framing.
-pub fn delivery_bytes(delivery: &pb::Delivery) -> usize {
-    let headers: usize = delivery
+/// Bytes a delivery of `record` to `subscriptions` subscriptions counts for against
+/// a stream's cap: its content plus a fixed allowance for framing.
+pub fn record_bytes(record: &NewRecord, subscriptions: usize) -> usize {
+    let headers: usize = record
         .headers
         .iter()
         .map(|h| h.key.len() + h.value.len() + 8)
         .sum();
-    delivery.payload.len()
-        + delivery.topic.len()
-        + headers
-        + 8 * delivery.subscription_ids.len()
-        + 48
+    record.payload.len() + record.topic.len() + headers + 8 * subscriptions + 48
 }
 
 /// Counters for metrics.
@@ -122,18 +145,40 @@ pub struct HubStats {
     pub streams: AtomicU64,
 }
 
-/// A stream following a topic, with the ids of its subscriptions to that topic and
-/// their generations (an id can be removed and used again; the generation tells the
-/// stream which use a record was meant for).
+/// A stream following a topic, with its subscriptions to it.
 #[derive(Debug)]
 struct Follower {
     sink: Arc<StreamSink>,
-    ids: Vec<u64>,
-    generations: Vec<u64>,
+    subscriptions: Vec<(u64, u64)>,
+    /// `subscriptions` as handed to the stream, made when a record first needs it
+    /// after a change and shared from then on.
+    shared: Option<Subscribers>,
 }
 
-/// Topic → followers, for the topics of one shard.
-type ShardFollowers = HashMap<String, Vec<Follower>>;
+impl Follower {
+    fn subscribers(&mut self) -> Subscribers {
+        self.shared
+            .get_or_insert_with(|| self.subscriptions.as_slice().into())
+            .clone()
+    }
+}
+
+/// The followers of one shard's topics, and what a delivery step reuses.
+#[derive(Debug, Default)]
+struct ShardFollowers {
+    topics: HashMap<String, Vec<Follower>>,
+    /// Outgoing events of the step in progress, one per stream.
+    outgoing: Vec<Outgoing>,
+    /// Stream id → its slot in `outgoing`.
+    slots: HashMap<u64, usize>,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    sink: Arc<StreamSink>,
+    items: Vec<LiveItem>,
+    bytes: usize,
+}
 
 /// Subscriber streams and the topics they follow.
 #[derive(Debug)]
@@ -151,7 +196,7 @@ impl SubscriptionHub {
     pub fn new(shard_count: u32, max_pending_bytes: usize, max_streams: usize) -> Self {
         SubscriptionHub {
             shards: (0..shard_count)
-                .map(|_| Mutex::new(HashMap::new()))
+                .map(|_| Mutex::new(ShardFollowers::default()))
                 .collect(),
             next_stream: AtomicU64::new(1),
             max_pending_bytes,
@@ -206,16 +251,16 @@ impl SubscriptionHub {
         generation: u64,
     ) {
         let mut followers = self.shard(shard);
-        let list = followers.entry(topic.to_owned()).or_default();
+        let list = followers.topics.entry(topic.to_owned()).or_default();
         match list.iter_mut().find(|f| f.sink.id == sink.id) {
             Some(follower) => {
-                follower.ids.push(id);
-                follower.generations.push(generation);
+                follower.subscriptions.push((id, generation));
+                follower.shared = None;
             }
             None => list.push(Follower {
                 sink: sink.clone(),
-                ids: vec![id],
-                generations: vec![generation],
+                subscriptions: vec![(id, generation)],
+                shared: None,
             }),
         }
         self.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
@@ -224,63 +269,89 @@ impl SubscriptionHub {
     /// Stops delivering `topic` to subscription `id` of stream `stream`.
     pub fn unfollow(&self, shard: u32, topic: &str, stream: u64, id: u64) {
         let mut followers = self.shard(shard);
-        let Some(list) = followers.get_mut(topic) else {
+        let Some(list) = followers.topics.get_mut(topic) else {
             return;
         };
         if let Some(index) = list.iter().position(|f| f.sink.id == stream) {
             let follower = &mut list[index];
-            if let Some(at) = follower.ids.iter().position(|&i| i == id) {
-                follower.ids.swap_remove(at);
-                follower.generations.swap_remove(at);
+            if let Some(at) = follower.subscriptions.iter().position(|&(i, _)| i == id) {
+                follower.subscriptions.swap_remove(at);
+                follower.shared = None;
                 self.stats.subscriptions.fetch_sub(1, Ordering::Relaxed);
             }
-            if follower.ids.is_empty() {
+            if follower.subscriptions.is_empty() {
                 list.swap_remove(index);
             }
         }
         if list.is_empty() {
-            followers.remove(topic);
+            followers.topics.remove(topic);
         }
     }
 }
 
 impl AppendObserver for SubscriptionHub {
+    /// Queues one event per following stream for the whole batch: the records are
+    /// shared, and a run of records of one topic looks its followers up once.
     fn appended(
         &self,
         shard: u32,
-        records: &[NewRecord],
+        records: Vec<NewRecord>,
         appended: &[Appended],
         timestamp_ms: u64,
     ) {
-        let followers = self.shard(shard);
-        if followers.is_empty() {
+        let mut guard = self.shard(shard);
+        if guard.topics.is_empty() {
             return;
         }
-        for (record, position) in records.iter().zip(appended) {
-            let Some(list) = followers.get(&record.topic) else {
-                continue;
-            };
-            for follower in list {
-                let delivery = pb::Delivery {
-                    topic: record.topic.clone(),
-                    offset: position.offset,
-                    epoch: position.epoch,
-                    timestamp_ms,
-                    headers: record
-                        .headers
-                        .iter()
-                        .map(|h| pb::Header {
-                            key: h.key.clone(),
-                            value: h.value.clone(),
-                        })
-                        .collect(),
-                    payload: record.payload.clone(),
-                    subscription_ids: follower.ids.clone(),
+        let ShardFollowers {
+            topics,
+            outgoing,
+            slots,
+        } = &mut *guard;
+        let batch = Arc::new(LiveBatch {
+            records,
+            positions: appended.to_vec(),
+            timestamp_ms,
+        });
+        // The topic of the previous record and the slots of its followers.
+        let mut run: Option<(&str, Vec<(usize, Subscribers)>)> = None;
+        for (index, record) in batch.records.iter().enumerate() {
+            let same_topic = run.as_ref().is_some_and(|(t, _)| *t == record.topic);
+            if !same_topic {
+                let Some(list) = topics.get_mut(&record.topic) else {
+                    run = None;
+                    continue;
                 };
-                follower
-                    .sink
-                    .push(delivery, follower.generations.clone(), &self.stats);
+                let targets = list
+                    .iter_mut()
+                    .map(|follower| {
+                        let slot = *slots.entry(follower.sink.id).or_insert_with(|| {
+                            outgoing.push(Outgoing {
+                                sink: follower.sink.clone(),
+                                items: Vec::new(),
+                                bytes: 0,
+                            });
+                            outgoing.len() - 1
+                        });
+                        (slot, follower.subscribers())
+                    })
+                    .collect();
+                run = Some((&record.topic, targets));
+            }
+            let Some((_, targets)) = &run else { continue };
+            for (slot, subscribers) in targets {
+                let out = &mut outgoing[*slot];
+                out.bytes += record_bytes(record, subscribers.len());
+                out.items.push(LiveItem {
+                    index: index as u32,
+                    subscribers: subscribers.clone(),
+                });
             }
         }
+        drop(run);
+        for out in outgoing.drain(..) {
+            out.sink.push(&batch, out.items, out.bytes, &self.stats);
+        }
+        slots.clear();
     }
 }

@@ -24,7 +24,7 @@ use tonic::{Code, Status, Streaming};
 
 use crate::filter::{Context, EventView, FilterSet, SharedVerdicts};
 use crate::server::convert;
-use crate::server::hub::{LiveEvent, StreamSink, SubscriptionHub, delivery_bytes};
+use crate::server::hub::{LiveBatch, LiveEvent, LiveItem, StreamSink, SubscriptionHub};
 use crate::server::status::read_status;
 use crate::storage::{ReadError, ReadLimits, Store, validate_topic_name};
 
@@ -247,11 +247,11 @@ pub async fn serve(
             },
             event = live.recv() => match event {
                 Some(event) => {
-                    let mut result = stream.live(event);
+                    let mut result = stream.live(event).await;
                     // Gather what else is waiting into the same response.
                     while result.is_ok() && !stream.batch_full() {
                         match live.try_recv() {
-                            Ok(event) => result = stream.live(event),
+                            Ok(event) => result = stream.live(event).await,
                             Err(_) => break,
                         }
                     }
@@ -600,11 +600,16 @@ impl SubscriberStream {
         )
     }
 
-    /// A live delivery: straight out for subscriptions that are live, held back for
-    /// those still replaying, dropped for uses of an id that are over.
-    fn live(&mut self, event: LiveEvent) -> Result<(), End> {
-        let (mut delivery, generations, bytes) = match event {
-            LiveEvent::Delivery(delivery, generations, bytes) => (delivery, generations, bytes),
+    /// Live records: each goes straight out for subscriptions that are live, is
+    /// held back for those still replaying, and is dropped for uses of an id that
+    /// are over. A full response goes out before the event's next record.
+    async fn live(&mut self, event: LiveEvent) -> Result<(), End> {
+        let (batch, items, bytes) = match event {
+            LiveEvent::Records {
+                batch,
+                items,
+                bytes,
+            } => (batch, items, bytes),
             LiveEvent::CutOff { pending_bytes } => {
                 tracing::debug!(
                     stream = self.sink.id(),
@@ -615,10 +620,20 @@ impl SubscriberStream {
             }
         };
         self.released += bytes;
-        let ids = std::mem::take(&mut delivery.subscription_ids);
-        let mut live_ids = Vec::with_capacity(ids.len());
+        for item in &items {
+            if self.batch_full() {
+                self.flush().await?;
+            }
+            self.live_record(&batch, item)?;
+        }
+        Ok(())
+    }
+
+    fn live_record(&mut self, batch: &LiveBatch, item: &LiveItem) -> Result<(), End> {
+        let mut delivery = convert::live_delivery(batch, item.index as usize);
+        let mut live_ids = Vec::with_capacity(item.subscribers.len());
         let mut verdicts = Verdicts::default();
-        for (id, generation) in ids.into_iter().zip(generations) {
+        for &(id, generation) in item.subscribers.iter() {
             let Some(subscription) = self.subscriptions.get(&id) else {
                 continue;
             };
@@ -645,6 +660,7 @@ impl SubscriberStream {
         }
         if !live_ids.is_empty() {
             delivery.subscription_ids = live_ids;
+            let bytes = delivery_bytes(&delivery);
             self.push(delivery, bytes);
         }
         Ok(())
@@ -707,6 +723,21 @@ impl SubscriberStream {
             }
         }
     }
+}
+
+/// Bytes a delivery counts for against a stream's cap (as
+/// [`crate::server::hub::record_bytes`] counts a live record).
+fn delivery_bytes(delivery: &pb::Delivery) -> usize {
+    let headers: usize = delivery
+        .headers
+        .iter()
+        .map(|h| h.key.len() + h.value.len() + 8)
+        .sum();
+    delivery.payload.len()
+        + delivery.topic.len()
+        + headers
+        + 8 * delivery.subscription_ids.len()
+        + 48
 }
 
 /// Filter verdicts for one record (see [`SharedVerdicts`]), with the record in the

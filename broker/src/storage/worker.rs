@@ -78,7 +78,7 @@ pub(crate) fn run(
                     now_ms = now_ms.max(wall_clock_ms());
                     let result = shard.append(&records, now_ms);
                     if let (Ok(appended), Some(observer)) = (&result, observer.get()) {
-                        observer.appended(shard.id(), &records, appended, now_ms);
+                        observer.appended(shard.id(), records, appended, now_ms);
                     }
                     let must_wait =
                         result.is_ok() && (ack == Ack::Durable || fsync == FsyncPolicy::Always);
