@@ -139,16 +139,20 @@ struct Entry {
     removing: bool,
 }
 
-/// Events buffered for the application; when it lags, the dispatcher waits, the
-/// broker's buffer for the stream fills, and past its cap the broker cuts the stream
-/// off — the dispatcher then reconnects and resumes.
-const EVENT_BUFFER: usize = 1024;
+/// Batches of events buffered for the application (a batch is what one broker
+/// response carries: up to 1,000 deliveries, or one update). When it lags, the
+/// dispatcher waits, the broker's buffer for the stream fills, and past its cap the
+/// broker cuts the stream off — the dispatcher then reconnects and resumes.
+const EVENT_BUFFER: usize = 16;
 
 /// Subscriptions on one broker stream.
 #[derive(Debug)]
 pub struct Subscriber {
     commands: mpsc::UnboundedSender<Command>,
-    events: mpsc::Receiver<SubscriberEvent>,
+    /// Events travel in batches (one channel operation per broker response, not
+    /// per record); `next` hands them out one by one.
+    events: mpsc::Receiver<Vec<SubscriberEvent>>,
+    ready: std::vec::IntoIter<SubscriberEvent>,
 }
 
 impl std::fmt::Debug for Command {
@@ -170,7 +174,11 @@ impl Subscriber {
             stream: None,
         };
         tokio::spawn(dispatcher.run(command_rx));
-        Ok(Subscriber { commands, events })
+        Ok(Subscriber {
+            commands,
+            events,
+            ready: Vec::new().into_iter(),
+        })
     }
 
     /// Adds subscription `id` (chosen by the caller, unique on this subscriber) to
@@ -227,7 +235,12 @@ impl Subscriber {
 
     /// The next event; `None` once the subscriber is closed.
     pub async fn next(&mut self) -> Option<SubscriberEvent> {
-        self.events.recv().await
+        loop {
+            if let Some(event) = self.ready.next() {
+                return Some(event);
+            }
+            self.ready = self.events.recv().await?.into_iter();
+        }
     }
 }
 
@@ -240,7 +253,7 @@ type Stream = (
 struct Dispatcher {
     client: BrokerClient<Channel>,
     entries: HashMap<u64, Entry>,
-    events: mpsc::Sender<SubscriberEvent>,
+    events: mpsc::Sender<Vec<SubscriberEvent>>,
     stream: Option<Stream>,
 }
 
@@ -319,7 +332,7 @@ impl Dispatcher {
             .collect();
         for id in removed {
             self.entries.remove(&id);
-            let _ = self.events.send(SubscriberEvent::Removed { id }).await;
+            self.emit(vec![SubscriberEvent::Removed { id }]).await;
         }
         let (requests, receiver) = mpsc::unbounded_channel();
         for (id, entry) in &self.entries {
@@ -335,7 +348,7 @@ impl Dispatcher {
         let reconnect = self.stream.is_none() && !self.entries.is_empty();
         self.stream = Some((requests, responses));
         if reconnect {
-            let _ = self.events.send(SubscriberEvent::Reconnected).await;
+            self.emit(vec![SubscriberEvent::Reconnected]).await;
         }
         Ok(())
     }
@@ -365,10 +378,8 @@ impl Dispatcher {
                         ),
                     };
                     return self
-                        .events
-                        .send(SubscriberEvent::Refused { id, error })
-                        .await
-                        .is_ok();
+                        .emit(vec![SubscriberEvent::Refused { id, error }])
+                        .await;
                 }
                 let entry = Entry {
                     topic,
@@ -408,10 +419,8 @@ impl Dispatcher {
     async fn broken(&mut self, error: ClientError) -> bool {
         tracing::info!(%error, "subscribe stream broke; reconnecting and resuming");
         self.stream = None;
-        self.events
-            .send(SubscriberEvent::Disconnected { error })
+        self.emit(vec![SubscriberEvent::Disconnected { error }])
             .await
-            .is_ok()
     }
 
     /// Handles one response; false when the application is gone.
@@ -419,6 +428,7 @@ impl Dispatcher {
         use pb::subscription_update::State;
         match response.event {
             Some(pb::subscribe_response::Event::Deliveries(batch)) => {
+                let mut events = Vec::with_capacity(batch.deliveries.len());
                 for d in batch.deliveries {
                     let delivery = delivery_from_proto(d);
                     for id in &delivery.subscription_ids {
@@ -426,16 +436,9 @@ impl Dispatcher {
                             entry.resume = Some(delivery.next_position());
                         }
                     }
-                    if self
-                        .events
-                        .send(SubscriberEvent::Delivery(delivery))
-                        .await
-                        .is_err()
-                    {
-                        return false;
-                    }
+                    events.push(SubscriberEvent::Delivery(delivery));
                 }
-                true
+                self.emit(events).await
             }
             Some(pb::subscribe_response::Event::Update(update)) => {
                 let id = update.id;
@@ -483,9 +486,14 @@ impl Dispatcher {
                     }
                     None => return true,
                 };
-                self.events.send(event).await.is_ok()
+                self.emit(vec![event]).await
             }
             None => true,
         }
+    }
+
+    /// Hands events to the application; false when it is gone.
+    async fn emit(&self, events: Vec<SubscriberEvent>) -> bool {
+        events.is_empty() || self.events.send(events).await.is_ok()
     }
 }
