@@ -270,8 +270,8 @@ pub fn recover_shard(
         // After an unclean stop, or when frames were cut, make sure nothing but zeroes
         // follows the data in the segment that will be written next.
         if newest && (!clean || stopped != kept_end) {
-            if let Some(last_nonzero) = segment.mapped()[kept_end..].iter().rposition(|&b| b != 0) {
-                report.truncated_bytes = (last_nonzero + 1) as u64;
+            if let Some(last_nonzero) = segment.last_nonzero_from(kept_end) {
+                report.truncated_bytes = (last_nonzero + 1 - kept_end) as u64;
                 tracing::warn!(file = %path.display(), cut_at = kept_end, bytes = report.truncated_bytes, "cut an unfinished tail from the newest segment");
                 segment.zero_tail()?;
             }

@@ -326,15 +326,55 @@ impl Segment {
         Ok(())
     }
 
+    /// Flushes the whole mapping, data or not (tests that fake a crash's leftovers).
+    #[cfg(test)]
+    fn sync_all_for_test(&mut self) {
+        self.map.flush().unwrap();
+    }
+
+    /// File offset of the last non-zero byte at or after `from`, if any. Only the
+    /// file's data regions are read: space reserved by `fallocate` and never
+    /// written reads as zeroes and is skipped (`SEEK_DATA`/`SEEK_HOLE`), so that
+    /// recovering after a crash does not page in the whole reserved segment (tens
+    /// of MiB per shard). Where the file system cannot tell, everything is read.
+    pub fn last_nonzero_from(&self, from: usize) -> Option<usize> {
+        use rustix::fs::{SeekFrom, seek};
+        let end = self.map.len();
+        let mut regions = Vec::new();
+        let mut at = from;
+        while at < end {
+            let data = match seek(&self.file, SeekFrom::Data(at as u64)) {
+                Ok(pos) => pos as usize,
+                // Nothing but holes (or reserved, unwritten space) past `at`.
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(_) => {
+                    regions = vec![(from, end)];
+                    break;
+                }
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(&self.file, SeekFrom::Hole(data as u64))
+                .map_or(end, |pos| (pos as usize).min(end));
+            regions.push((data.max(from), hole));
+            at = hole.max(data + 1);
+        }
+        regions.iter().rev().find_map(|&(start, stop)| {
+            self.map[start..stop]
+                .iter()
+                .rposition(|&b| b != 0)
+                .map(|i| start + i)
+        })
+    }
+
     /// Zeroes everything past the data (garbage left by a crash), then syncs it.
     pub fn zero_tail(&mut self) -> Result<(), IoError> {
         let len = self.len;
-        let tail = &mut self.map[len..];
-        if tail.iter().any(|&b| b != 0) {
-            tail.fill(0);
-            let tail_len = tail.len();
+        if let Some(last) = self.last_nonzero_from(len) {
+            self.map[len..=last].fill(0);
             self.map
-                .flush_range(len, tail_len)
+                .flush_range(len, last + 1 - len)
                 .map_err(|e| IoError::new("zeroing segment tail", &self.path, e))?;
         }
         Ok(())
@@ -442,5 +482,35 @@ mod tests {
         assert!(reopened.is_dirty());
         reopened.sync().unwrap();
         assert!(!reopened.is_dirty());
+    }
+
+    #[test]
+    fn garbage_past_the_data_is_found_and_zeroed_wherever_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut segment = Segment::create(dir.path(), 0, 0, 4 << 20, 1).unwrap();
+        segment.spare_mut()[..8].copy_from_slice(b"abcdefgh");
+        segment.commit(8, 5);
+        segment.sync().unwrap();
+        assert_eq!(
+            segment.last_nonzero_from(72),
+            None,
+            "reserved space is zeroes"
+        );
+        // A crash left bytes past the data: near it, and megabytes further on
+        // (written and synced, so the file system holds them as data).
+        let spare = segment.spare_mut();
+        spare[100] = 1;
+        spare[(3 << 20) + 5] = 7;
+        let path = segment.path().to_owned();
+        segment.sync_all_for_test();
+        drop(segment);
+        let (mut reopened, _) = Segment::open(&path, 0).unwrap();
+        assert_eq!(reopened.last_nonzero_from(72), Some(72 + (3 << 20) + 5));
+        assert_eq!(reopened.last_nonzero_from(72 + (3 << 20) + 6), None);
+        reopened.set_recovered_len(72, 5);
+        reopened.zero_tail().unwrap();
+        assert_eq!(reopened.last_nonzero_from(72), None);
+        assert_eq!(&reopened.mapped()[64..72], b"abcdefgh");
+        assert!(reopened.mapped()[72..].iter().all(|&b| b == 0));
     }
 }
