@@ -5,6 +5,11 @@
 #   benches/peers.sh start DIR    start both on loopback, non-default ports, data in DIR;
 #                                 writes DIR/peers.env (NATS_URL, REDIS_URL, NATS_PID, REDIS_PID)
 #   benches/peers.sh stop DIR     stop both by the PIDs in DIR
+#   benches/peers.sh serve nats|redis DIR PORT
+#                                 run one peer in the foreground (exec: the caller
+#                                 holds its PID), data kept in DIR across restarts:
+#                                 JetStream file storage; Redis with an append-only
+#                                 file fsynced every second (the restart scenario)
 #
 # Ports: NATS_PORT (default 14222), REDIS_PORT (default 16379).
 set -euo pipefail
@@ -89,9 +94,24 @@ stop() {
     done
 }
 
+serve() {
+    local name=$1 dir=$2 port=$3
+    install
+    mkdir -p "$dir"
+    case "$name" in
+        nats) exec "$(command -v nats-server || echo /usr/sbin/nats-server)" \
+            -a 127.0.0.1 -p "$port" -js -sd "$dir" ;;
+        redis) exec "$(command -v redis-server || echo /usr/bin/redis-server)" \
+            --bind 127.0.0.1 --port "$port" --dir "$dir" --save "" \
+            --appendonly yes --appendfsync everysec --protected-mode no ;;
+        *) echo "peers: serve nats|redis DIR PORT" >&2; return 2 ;;
+    esac
+}
+
 case "${1:-}" in
     install) install ;;
     start) start "${2:?usage: peers.sh start DIR}" ;;
     stop) stop "${2:?usage: peers.sh stop DIR}" ;;
-    *) echo "usage: peers.sh install | start DIR | stop DIR" >&2; exit 2 ;;
+    serve) serve "${2:?usage: peers.sh serve nats|redis DIR PORT}" "${3:?DIR}" "${4:?PORT}" ;;
+    *) echo "usage: peers.sh install | start DIR | stop DIR | serve nats|redis DIR PORT" >&2; exit 2 ;;
 esac

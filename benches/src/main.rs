@@ -268,9 +268,9 @@ async fn run_scenarios(
         stage("many-topics");
         scenarios::many_topics(systems, kinds, sizes, &mut results).await?;
     }
-    if wants("restart") && switchyard {
+    if wants("restart") {
         stage("restart");
-        scenarios::restart(systems, sizes, &mut results).await?;
+        scenarios::restart(systems, kinds, sizes, &mut results).await?;
     }
     Ok(results)
 }

@@ -619,54 +619,178 @@ pub async fn filters(systems: &Systems, sizes: &Sizes, results: &mut Results) ->
     Ok(())
 }
 
-/// Time to serve again after a clean stop and after SIGKILL, with many topics
-/// holding one record each (Switchyard; the peers keep no per-topic log here).
-pub async fn restart(systems: &mut Systems, sizes: &Sizes, results: &mut Results) -> Result<()> {
-    let kind = Kind::Switchyard;
-    for &count in &sizes.restart_topics {
-        let case = format!("{count} topics");
-        let mut clean = Measurement::new("restart", &case, kind, "clean_s", "s");
-        let mut killed = Measurement::new("restart", &case, kind, "sigkill_s", "s");
-        systems.fresh_switchyard()?;
-        {
-            let mut publisher = systems.publisher(Kind::SwitchyardDurable).await?;
-            let body = payload(100);
-            let mut i = 0;
-            while i < count {
-                let end = (i + CHUNK as u64).min(count);
-                let records = (i..end)
-                    .map(|t| (format!("user.{t}"), body.clone()))
-                    .collect();
-                publisher.publish_many(records).await?;
-                i = end;
+/// How long a restarted server may take to serve again before the run fails.
+const RESTART_LIMIT: Duration = Duration::from_secs(600);
+
+/// Retries `probe` until it succeeds (every 5 ms) and gives the time since `since`.
+async fn until_serving<F, Fut>(since: Instant, what: &str, mut probe: F) -> Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    loop {
+        match probe().await {
+            Ok(()) => return Ok(since.elapsed()),
+            Err(error) if since.elapsed() > RESTART_LIMIT => {
+                bail!("{what} not serving {RESTART_LIMIT:?} after a restart: {error:#}")
             }
-            publisher.flush().await?;
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
-        for rep in 0..sizes.reps {
-            for (kill, measurement) in [(false, &mut clean), (true, &mut killed)] {
-                let server = systems.switchyard.take().expect("running");
-                let (server, took) = server.restart(kill)?;
-                systems.switchyard = Some(server);
-                // Serving: a fetch of the last topic's record answers.
-                let client = switchyard_client::Client::connect(
-                    &systems.switchyard.as_ref().expect("running").address,
-                )
-                .await?;
-                let info = client.topic_info(&format!("user.{}", count - 1)).await?;
-                if info.is_none() {
-                    bail!("restart: topic user.{} is gone", count - 1);
-                }
-                measurement.push(took.as_secs_f64());
-                progress(&format!(
-                    "restart {case} rep {} ({}): serving after {:.3} s",
-                    rep + 1,
-                    if kill { "SIGKILL" } else { "clean" },
-                    took.as_secs_f64()
-                ));
-            }
-        }
-        results.add(clean);
-        results.add(killed);
     }
+}
+
+/// Time to serve again after a clean stop and after SIGKILL, with many topics
+/// holding one record each: from the new process's start until a read of the last
+/// topic's record answers. Switchyard at every count; the peers that keep data
+/// across a restart (JetStream with file storage; Redis Streams with an
+/// append-only file, fsynced every second) at the smallest.
+pub async fn restart(
+    systems: &mut Systems,
+    kinds: &[Kind],
+    sizes: &Sizes,
+    results: &mut Results,
+) -> Result<()> {
+    let smallest = sizes.restart_topics.iter().copied().min().unwrap_or(0);
+    for &count in &sizes.restart_topics {
+        if kinds.iter().any(|k| k.is_switchyard()) {
+            restart_switchyard(systems, count, sizes.reps, results).await?;
+        }
+        for kind in [Kind::JetStream, Kind::RedisStreams] {
+            if count == smallest && kinds.contains(&kind) {
+                restart_peer(&systems.work_dir, kind, count, sizes.reps, results).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn restart_progress(case: &str, kind: Kind, rep: usize, kill: bool, took: Duration) {
+    progress(&format!(
+        "restart {case} {} rep {} ({}): serving after {:.3} s",
+        kind.label(),
+        rep + 1,
+        if kill { "SIGKILL" } else { "clean" },
+        took.as_secs_f64()
+    ));
+}
+
+async fn restart_switchyard(
+    systems: &mut Systems,
+    count: u64,
+    reps: usize,
+    results: &mut Results,
+) -> Result<()> {
+    let kind = Kind::Switchyard;
+    let case = format!("{count} topics");
+    let mut clean = Measurement::new("restart", &case, kind, "clean_s", "s");
+    let mut killed = Measurement::new("restart", &case, kind, "sigkill_s", "s");
+    systems.fresh_switchyard()?;
+    {
+        let mut publisher = systems.publisher(Kind::SwitchyardDurable).await?;
+        let body = payload(100);
+        let mut i = 0;
+        while i < count {
+            let end = (i + CHUNK as u64).min(count);
+            let records = (i..end)
+                .map(|t| (format!("user.{t}"), body.clone()))
+                .collect();
+            publisher.publish_many(records).await?;
+            i = end;
+        }
+        publisher.flush().await?;
+    }
+    let last = format!("user.{}", count - 1);
+    for rep in 0..reps {
+        for (kill, measurement) in [(false, &mut clean), (true, &mut killed)] {
+            let server = systems.switchyard.take().expect("running");
+            // `started`: from the new process's spawn to its listen line.
+            let (server, started) = server.restart(kill)?;
+            let address = server.address.clone();
+            systems.switchyard = Some(server);
+            let took = until_serving(Instant::now(), "switchyard", || async {
+                match switchyard_client::Client::connect(&address)
+                    .await?
+                    .topic_info(&last)
+                    .await?
+                {
+                    Some(_) => Ok(()),
+                    None => bail!("topic {last} is gone"),
+                }
+            })
+            .await?;
+            measurement.push((started + took).as_secs_f64());
+            restart_progress(&case, kind, rep, kill, started + took);
+        }
+    }
+    results.add(clean);
+    results.add(killed);
+    Ok(())
+}
+
+/// A peer of its own (`peers.sh serve`), loaded with `count` subjects or keys of
+/// one record each, restarted `reps` times each way.
+async fn restart_peer(
+    work_dir: &std::path::Path,
+    kind: Kind,
+    count: u64,
+    reps: usize,
+    results: &mut Results,
+) -> Result<()> {
+    use crate::systems::{PeerServer, nats, redis};
+    let case = format!("{count} topics");
+    let mut clean = Measurement::new("restart", &case, kind, "clean_s", "s");
+    let mut killed = Measurement::new("restart", &case, kind, "sigkill_s", "s");
+    let name = if kind == Kind::JetStream {
+        "nats"
+    } else {
+        "redis"
+    };
+    let dir = work_dir.join(format!("restart-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut server = PeerServer::spawn(name, &dir)?;
+    let url = server.url();
+    let body = payload(100);
+    let topics = (0..count).map(|i| kind.topic(&format!("user.{i}")));
+    if kind == Kind::JetStream {
+        until_serving(Instant::now(), name, || nats::reset_stream(&url)).await?;
+        let mut publisher = nats::JetStreamPublisher::connect(&url).await?;
+        for subject in topics {
+            publisher.publish(&subject, vec![body.clone()]).await?;
+        }
+        publisher.flush().await?;
+    } else {
+        until_serving(Instant::now(), name, || async {
+            redis::connect(&url).await.map(drop)
+        })
+        .await?;
+        let mut publisher = redis::Publisher::connect(&url, true).await?;
+        let topics: Vec<String> = topics.collect();
+        for chunk in topics.chunks(CHUNK) {
+            let records = chunk.iter().map(|t| (t.clone(), body.clone())).collect();
+            publisher.publish_many(records).await?;
+        }
+        publisher.flush().await?;
+        // What was written is on disk before the first stop (appendfsync everysec).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let last = kind.topic(&format!("user.{}", count - 1));
+    for rep in 0..reps {
+        for (kill, measurement) in [(false, &mut clean), (true, &mut killed)] {
+            server = server.restart(kill)?;
+            let since = Instant::now();
+            let took = if kind == Kind::JetStream {
+                until_serving(since, name, || nats::last_message(&url, &last)).await?
+            } else {
+                until_serving(since, name, || redis::has_key(&url, &last)).await?
+            };
+            measurement.push(took.as_secs_f64());
+            restart_progress(&case, kind, rep, kill, took);
+        }
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    results.add(clean);
+    results.add(killed);
     Ok(())
 }

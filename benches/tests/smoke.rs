@@ -72,8 +72,10 @@ fn every_scenario_runs_against_every_system() {
         );
     }
     assert!(has("filters", "switchyard", "events_per_s"));
-    assert!(has("restart", "switchyard", "clean_s"));
-    assert!(has("restart", "switchyard", "sigkill_s"));
+    for system in ["switchyard", "jetstream", "redis-streams"] {
+        assert!(has("restart", system, "clean_s"), "restart {system}");
+        assert!(has("restart", system, "sigkill_s"), "restart {system}");
+    }
     // Nothing lost (at least once: a resend after a reconnect may add), except
     // that NATS core drops messages for a lagging subscriber by design.
     for m in measurements.iter().filter(|m| m["metric"] == "delivered") {

@@ -82,7 +82,7 @@ pub struct Peers {
 }
 
 impl Peers {
-    fn script() -> PathBuf {
+    pub fn script() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("peers.sh")
     }
 
@@ -144,6 +144,80 @@ impl Peers {
         let _ = std::fs::remove_dir_all(self.dir.join("redis"));
         *self = Peers::start(&self.dir)?;
         Ok(())
+    }
+}
+
+/// One peer run on its own through `benches/peers.sh serve` (the restart
+/// scenario): its data stays in `dir` across restarts, and it is stopped by signal.
+#[derive(Debug)]
+pub struct PeerServer {
+    child: std::process::Child,
+    /// `nats` or `redis`.
+    name: &'static str,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl PeerServer {
+    /// Starts `name` (`nats` or `redis`) on a free loopback port, data in `dir`.
+    pub fn spawn(name: &'static str, dir: &Path) -> Result<PeerServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Self::spawn_on(name, dir, port)
+    }
+
+    fn spawn_on(name: &'static str, dir: &Path, port: u16) -> Result<PeerServer> {
+        let log = std::fs::File::create(dir.with_extension("log"))?;
+        let child = Command::new("bash")
+            .arg(Peers::script())
+            .args(["serve", name])
+            .arg(dir)
+            .arg(port.to_string())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name} through benches/peers.sh serve"))?;
+        Ok(PeerServer {
+            child,
+            name,
+            dir: dir.to_owned(),
+            port,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        match self.name {
+            "nats" => format!("nats://127.0.0.1:{}", self.port),
+            _ => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    /// Stops the server (a clean exit, or SIGKILL) and starts it again on the same
+    /// port and data. A clean stop is SIGTERM for Redis and SIGINT for NATS (both
+    /// shut down gracefully on either, but nats-server exits with status 1 on
+    /// SIGTERM).
+    pub fn restart(mut self, kill: bool) -> Result<PeerServer> {
+        let signal = match (kill, self.name) {
+            (true, _) => "-KILL",
+            (false, "nats") => "-INT",
+            (false, _) => "-TERM",
+        };
+        Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()?;
+        let status = self.child.wait()?;
+        if !kill && !status.success() {
+            bail!("{} exited with {status} after SIGTERM", self.name);
+        }
+        Self::spawn_on(self.name, &self.dir, self.port)
+    }
+}
+
+impl Drop for PeerServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -43,6 +43,21 @@ pub async fn reset_stream(url: &str) -> Result<()> {
     Ok(())
 }
 
+/// One attempt to read the last message of `subject` from the benchmark stream
+/// (the restart scenario's "serving again"); short timeouts, as the caller retries.
+pub async fn last_message(url: &str, subject: &str) -> Result<()> {
+    let timeout = std::time::Duration::from_millis(500);
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(timeout)
+        .connect(url)
+        .await?;
+    let mut context = jetstream::new(client);
+    context.set_timeout(timeout);
+    let stream = context.get_stream(STREAM).await?;
+    stream.get_last_raw_message_by_subject(subject).await?;
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct CorePublisher {
     client: async_nats::Client,

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
@@ -33,6 +33,20 @@ pub async fn connect(url: &str) -> Result<MultiplexedConnection> {
         .get_multiplexed_async_connection()
         .await
         .with_context(|| format!("connecting to Redis at {url}"))
+}
+
+/// One attempt to find stream key `key` (the restart scenario's "serving again":
+/// Redis answers LOADING until its append-only file is read).
+pub async fn has_key(url: &str, key: &str) -> Result<()> {
+    let mut connection = connect(url).await?;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut connection)
+        .await?;
+    if !exists {
+        bail!("key {key} is missing");
+    }
+    Ok(())
 }
 
 impl Publisher {
