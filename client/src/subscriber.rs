@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use switchyard_proto as pb;
 use switchyard_proto::broker_client::BrokerClient;
 use tokio::sync::mpsc;
@@ -144,6 +145,8 @@ struct Entry {
 /// dispatcher waits, the broker's buffer for the stream fills, and past its cap the
 /// broker cuts the stream off — the dispatcher then reconnects and resumes.
 const EVENT_BUFFER: usize = 16;
+/// Responses already received are gathered into one send up to this many events.
+const MAX_EVENTS_PER_SEND: usize = 1000;
 
 /// Subscriptions on one broker stream.
 #[derive(Debug)]
@@ -307,12 +310,28 @@ impl Dispatcher {
                     None => return,
                 },
                 response = responses.message() => {
-                    let keep_going = match response {
-                        Ok(Some(response)) => self.response(response).await,
-                        Ok(None) => self.broken(ClientError::Unreachable("the broker ended the stream".into())).await,
-                        Err(status) => self.broken(status.into()).await,
-                    };
-                    if !keep_going {
+                    // This response and those already here go to the application
+                    // in one send.
+                    let mut events = Vec::new();
+                    let mut next = Some(response);
+                    let mut ended = None;
+                    while let Some(response) = next.take() {
+                        match response {
+                            Ok(Some(response)) => self.response(response, &mut events),
+                            Ok(None) => ended = Some(ClientError::Unreachable("the broker ended the stream".into())),
+                            Err(status) => ended = Some(status.into()),
+                        }
+                        if ended.is_none() && events.len() < MAX_EVENTS_PER_SEND {
+                            let (_, responses) = self.stream.as_mut().expect("open");
+                            next = responses.message().now_or_never();
+                        }
+                    }
+                    if !self.emit(events).await {
+                        return;
+                    }
+                    if let Some(error) = ended
+                        && !self.broken(error).await
+                    {
                         return;
                     }
                 }
@@ -423,12 +442,12 @@ impl Dispatcher {
             .await
     }
 
-    /// Handles one response; false when the application is gone.
-    async fn response(&mut self, response: pb::SubscribeResponse) -> bool {
+    /// Handles one response: what the application is to be told goes to `events`.
+    fn response(&mut self, response: pb::SubscribeResponse, events: &mut Vec<SubscriberEvent>) {
         use pb::subscription_update::State;
         match response.event {
             Some(pb::subscribe_response::Event::Deliveries(batch)) => {
-                let mut events = Vec::with_capacity(batch.deliveries.len());
+                events.reserve(batch.deliveries.len());
                 for d in batch.deliveries {
                     let delivery = delivery_from_proto(d);
                     for id in &delivery.subscription_ids {
@@ -438,7 +457,6 @@ impl Dispatcher {
                     }
                     events.push(SubscriberEvent::Delivery(delivery));
                 }
-                self.emit(events).await
             }
             Some(pb::subscribe_response::Event::Update(update)) => {
                 let id = update.id;
@@ -484,11 +502,11 @@ impl Dispatcher {
                         self.entries.remove(&id);
                         SubscriberEvent::Removed { id }
                     }
-                    None => return true,
+                    None => return,
                 };
-                self.emit(vec![event]).await
+                events.push(event);
             }
-            None => true,
+            None => {}
         }
     }
 
