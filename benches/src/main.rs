@@ -166,6 +166,9 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(counts) = args.restart_topics {
         sizes.restart_topics = counts;
     }
+    if sizes.many_topics.contains(&0) || sizes.restart_topics.contains(&0) {
+        bail!("--many-topics and --restart-topics take topic counts of at least 1");
+    }
     if let Some(streams) = args.fanout_streams {
         sizes.fanout_streams = streams.max(1);
     }

@@ -475,10 +475,18 @@ pub async fn many_topics(
                 for chunk in topics.chunks(CHUNK) {
                     // At most BACKLOG records ahead of the subscriber: the rate is
                     // what a system sustains, not how fast its buffers fill.
-                    while sent.saturating_sub(counter.received.load(Ordering::Relaxed)) > BACKLOG
+                    // A peer that drops records (NATS core) never catches up:
+                    // after a second without progress, publishing goes on.
+                    let mut seen = (counter.received.load(Ordering::Relaxed), Instant::now());
+                    while sent.saturating_sub(seen.0) > BACKLOG
+                        && seen.1.elapsed() < Duration::from_secs(1)
                         && !counter.task.is_finished()
                     {
                         tokio::time::sleep(Duration::from_millis(1)).await;
+                        let now = counter.received.load(Ordering::Relaxed);
+                        if now != seen.0 {
+                            seen = (now, Instant::now());
+                        }
                     }
                     let records = chunk.iter().map(|t| (t.clone(), body.clone())).collect();
                     publisher.publish_many(records).await?;

@@ -140,8 +140,9 @@ struct Entry {
     removing: bool,
 }
 
-/// Batches of events buffered for the application (a batch is what one broker
-/// response carries: up to 1,000 deliveries, or one update). When it lags, the
+/// Batches of events buffered for the application (a batch gathers the broker
+/// responses already received: under 2,000 events, as a response carries at most
+/// 1,000 deliveries; at most ~32,000 events wait in all). When it lags, the
 /// dispatcher waits, the broker's buffer for the stream fills, and past its cap the
 /// broker cuts the stream off — the dispatcher then reconnects and resumes.
 const EVENT_BUFFER: usize = 16;

@@ -168,7 +168,10 @@ impl PeerServer {
     }
 
     fn spawn_on(name: &'static str, dir: &Path, port: u16) -> Result<PeerServer> {
-        let log = std::fs::File::create(dir.with_extension("log"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.with_extension("log"))?;
         let child = Command::new("bash")
             .arg(Peers::script())
             .args(["serve", name])
@@ -208,7 +211,7 @@ impl PeerServer {
             .status()?;
         let status = self.child.wait()?;
         if !kill && !status.success() {
-            bail!("{} exited with {status} after SIGTERM", self.name);
+            bail!("{} exited with {status} after {signal}", self.name);
         }
         Self::spawn_on(self.name, &self.dir, self.port)
     }

@@ -42,11 +42,11 @@ pub struct LiveItem {
 /// What the hub sends a stream.
 #[derive(Debug)]
 pub enum LiveEvent {
-    /// Records of one appended batch, in log order, and the bytes they count for.
+    /// Records of one appended batch, in log order. Each counts for
+    /// [`record_bytes`] against the stream's cap until the stream releases it.
     Records {
         batch: Arc<LiveBatch>,
         items: Vec<LiveItem>,
-        bytes: usize,
     },
     /// The stream let more than its cap pile up and is cut off.
     CutOff { pending_bytes: usize },
@@ -105,7 +105,7 @@ impl StreamSink {
         }
     }
 
-    fn push(&self, batch: &Arc<LiveBatch>, items: Vec<LiveItem>, bytes: usize, stats: &HubStats) {
+    fn push(&self, batch: Arc<LiveBatch>, items: Vec<LiveItem>, bytes: usize, stats: &HubStats) {
         if self.cut.load(Ordering::Relaxed) {
             return;
         }
@@ -117,11 +117,29 @@ impl StreamSink {
         stats
             .deliveries
             .fetch_add(items.len() as u64, Ordering::Relaxed);
-        let _ = self.events.send(LiveEvent::Records {
-            batch: batch.clone(),
-            items,
-            bytes,
+        let _ = self.events.send(LiveEvent::Records { batch, items });
+    }
+}
+
+/// The records `items` name, copied out of `batch` (payloads too, which otherwise
+/// share the publish request's buffer), with `items` renumbered to match.
+fn compact(batch: &LiveBatch, items: &mut [LiveItem]) -> LiveBatch {
+    let mut records = Vec::with_capacity(items.len());
+    let mut positions = Vec::with_capacity(items.len());
+    for (index, item) in items.iter_mut().enumerate() {
+        let record = &batch.records[item.index as usize];
+        records.push(NewRecord {
+            topic: record.topic.clone(),
+            headers: record.headers.clone(),
+            payload: bytes::Bytes::copy_from_slice(&record.payload),
         });
+        positions.push(batch.positions[item.index as usize]);
+        item.index = index as u32;
+    }
+    LiveBatch {
+        records,
+        positions,
+        timestamp_ms: batch.timestamp_ms,
     }
 }
 
@@ -349,9 +367,71 @@ impl AppendObserver for SubscriptionHub {
             }
         }
         drop(run);
-        for out in outgoing.drain(..) {
-            out.sink.push(&batch, out.items, out.bytes, &self.stats);
+        let batch_bytes: usize = batch.records.iter().map(|r| record_bytes(r, 0)).sum();
+        for mut out in outgoing.drain(..) {
+            // A stream is charged for its own records only, so it must not keep a
+            // much larger batch alive while it lags: it gets a copy of its share.
+            let shared = if out.bytes * 4 < batch_bytes {
+                Arc::new(compact(&batch, &mut out.items))
+            } else {
+                batch.clone()
+            };
+            out.sink.push(shared, out.items, out.bytes, &self.stats);
         }
         slots.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn appended(n: usize) -> Vec<Appended> {
+        (0..n as u64)
+            .map(|offset| Appended { offset, epoch: 1 })
+            .collect()
+    }
+
+    #[test]
+    fn a_stream_with_a_small_share_of_a_batch_holds_only_its_records() {
+        let hub = SubscriptionHub::new(1, 1 << 30, 10);
+        let (small, mut small_rx) = hub.open_stream().unwrap();
+        let (big, mut big_rx) = hub.open_stream().unwrap();
+        hub.follow(0, "user.1", &small, 7, 1);
+        hub.follow(0, "guild.1", &big, 8, 1);
+        // 99 records of guild.1 and one of user.1 in one appended batch.
+        let records: Vec<NewRecord> = (0..100)
+            .map(|i| match i {
+                50 => NewRecord::new("user.1", vec![b'u'; 100]),
+                _ => NewRecord::new("guild.1", vec![b'g'; 100]),
+            })
+            .collect();
+        hub.appended(0, records, &appended(100), 5);
+
+        let Ok(LiveEvent::Records { batch, items }) = small_rx.try_recv() else {
+            panic!("an event for the small stream");
+        };
+        assert_eq!(batch.records.len(), 1, "a copy of its share, not the batch");
+        assert_eq!(items.len(), 1);
+        let record = &batch.records[items[0].index as usize];
+        assert_eq!(record.topic, "user.1");
+        assert_eq!(batch.positions[items[0].index as usize].offset, 50);
+        assert_eq!(&items[0].subscribers[..], &[(7, 1)]);
+
+        let Ok(LiveEvent::Records { batch, items }) = big_rx.try_recv() else {
+            panic!("an event for the big stream");
+        };
+        assert_eq!(batch.records.len(), 100, "most of the batch: shared");
+        assert_eq!(items.len(), 99);
+        assert!(
+            items
+                .iter()
+                .all(|i| batch.records[i.index as usize].topic == "guild.1")
+        );
+        let offsets: Vec<u64> = items
+            .iter()
+            .map(|i| batch.positions[i.index as usize].offset)
+            .collect();
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "log order");
     }
 }

@@ -24,7 +24,9 @@ use tonic::{Code, Status, Streaming};
 
 use crate::filter::{Context, EventView, FilterSet, SharedVerdicts};
 use crate::server::convert;
-use crate::server::hub::{LiveBatch, LiveEvent, LiveItem, StreamSink, SubscriptionHub};
+use crate::server::hub::{
+    LiveBatch, LiveEvent, LiveItem, StreamSink, SubscriptionHub, record_bytes,
+};
 use crate::server::status::read_status;
 use crate::storage::{ReadError, ReadLimits, Store, validate_topic_name};
 
@@ -604,12 +606,8 @@ impl SubscriberStream {
     /// held back for those still replaying, and is dropped for uses of an id that
     /// are over. A full response goes out before the event's next record.
     async fn live(&mut self, event: LiveEvent) -> Result<(), End> {
-        let (batch, items, bytes) = match event {
-            LiveEvent::Records {
-                batch,
-                items,
-                bytes,
-            } => (batch, items, bytes),
+        let (batch, items) = match event {
+            LiveEvent::Records { batch, items } => (batch, items),
             LiveEvent::CutOff { pending_bytes } => {
                 tracing::debug!(
                     stream = self.sink.id(),
@@ -619,11 +617,13 @@ impl SubscriberStream {
                 return Err(End::Status(slow_consumer()));
             }
         };
-        self.released += bytes;
         for item in &items {
             if self.batch_full() {
                 self.flush().await?;
             }
+            // Released with the response that carries it (or drops it).
+            let record = &batch.records[item.index as usize];
+            self.released += record_bytes(record, item.subscribers.len());
             self.live_record(&batch, item)?;
         }
         Ok(())
