@@ -1,5 +1,6 @@
 //! One event fanned out to 10,000 filtered subscriptions, through the path the
-//! server takes (`SharedVerdicts` over `lua-filters/channel_permissions.lua`):
+//! server takes (`SharedVerdicts::prepare`, then `allows` per subscription, over
+//! `lua-filters/channel_permissions.lua`):
 //! (a) 10,000 distinct contexts (every member has a `user_id`, so member overwrites
 //! can apply), (b) 20 distinct role sets (contexts without `user_id` are shared).
 //!
@@ -63,6 +64,14 @@ fn fan_out(c: &mut Criterion) {
                     payload,
                 };
                 let mut verdicts = SharedVerdicts::default();
+                verdicts.prepare(
+                    &filters,
+                    &event,
+                    contexts
+                        .iter()
+                        .enumerate()
+                        .map(|(id, context)| ("channel_permissions", context, id as u64)),
+                );
                 let mut delivered = 0usize;
                 for (id, context) in contexts.iter().enumerate() {
                     if verdicts.allows(&filters, "channel_permissions", context, id as u64, &event)

@@ -7,9 +7,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mlua::chunk::ChunkMode;
-use mlua::{
-    Function, HookTriggers, Lua, LuaOptions, LuaString, RegistryKey, StdLib, Table, Value, VmState,
-};
+use mlua::{Function, HookTriggers, Lua, LuaOptions, LuaString, StdLib, Table, Value, VmState};
 
 use crate::filter::{Context, EvalError, EventView, FilterLimits, LoadedFilter};
 
@@ -23,13 +21,14 @@ const MAX_JSON_DEPTH: usize = 64;
 /// budget does not see).
 const MAX_CALL_TIME: Duration = Duration::from_millis(250);
 
-/// Lua run once per state. It is given `exhausted()`, which says whether the running
-/// call has used up its budget. It removes what could load code or escape the
-/// budget, bounds the C functions whose time the instruction hook cannot see, makes
-/// the libraries read-only, and returns the base environment filters' globals fall
-/// back to.
+/// Lua run once per state. It is given the state table the hook shares with it
+/// (`state.exhausted`: the running call has used up its budget; `state.current`: the
+/// subscription of a batch being judged). It removes what could load code or escape
+/// the budget, bounds the C functions whose time the instruction hook cannot see,
+/// makes the libraries read-only, and returns the base environment filters' globals
+/// fall back to and the function that judges a batch of subscriptions.
 const PRELUDE: &str = r#"
-local exhausted = ...
+local state = ...
 local real_pcall, real_xpcall, real_setmetatable = pcall, xpcall, setmetatable
 local real_rep, real_find, real_match, real_gmatch, real_gsub =
   string.rep, string.find, string.match, string.gmatch, string.gsub
@@ -69,7 +68,7 @@ string.gsub = function(s, p, ...) check_pattern(s, p) return real_gsub(s, p, ...
 
 -- A call past its budget stays failed: pcall cannot swallow that error.
 local function guard(...)
-  if exhausted() then
+  if state.exhausted then
     error("instruction budget exhausted", 0)
   end
   return ...
@@ -102,7 +101,64 @@ local base = {
 }
 local environment = readonly(base, "the base environment")
 base._G = environment
-return environment
+
+-- Judges subscriptions list[1..n] (indices into `slots`, the subscription tables)
+-- on one event: verdict i is bit (i - 1) % 64 of out[(i - 1) // 64 + 1].
+-- `state.current` says which call runs (the hook starts a new budget when it
+-- changes). The fast way calls the filter unprotected: it returns 0 when every
+-- call returned a boolean, or the index of one that did not; a call that raises an
+-- error ends it. The careful way then takes over from the start of that word of
+-- verdicts, with each call protected on its own (why one failed goes to
+-- errors[i]), so one failing subscription withholds only its own delivery; it
+-- returns the number of failures.
+local function judge_fast(f, event, slots, list, n, out)
+  local word, bits, bit = 1, 0, 1
+  for i = 1, n do
+    state.current = i
+    local verdict = f(event, slots[list[i]])
+    if verdict == true then
+      bits = bits | bit
+    elseif verdict ~= false then
+      return i
+    end
+    bit = bit << 1
+    if bit == 0 then
+      out[word] = bits
+      word, bits, bit = word + 1, 0, 1
+    end
+  end
+  if bit ~= 1 then
+    out[word] = bits
+  end
+  return 0
+end
+local function judge_careful(f, event, slots, list, n, out, errors, from)
+  local failed, word, bits, bit = 0, (from - 1) // 64 + 1, 0, 1
+  for i = from, n do
+    state.current = i
+    state.exhausted = false
+    local ok, verdict = real_pcall(f, event, slots[list[i]])
+    if ok and verdict == true then
+      bits = bits | bit
+    elseif not ok then
+      failed = failed + 1
+      errors[i] = verdict
+    elseif verdict ~= false then
+      failed = failed + 1
+      errors[i] = "the filter returned " .. type(verdict) .. ", not a boolean"
+    end
+    bit = bit << 1
+    if bit == 0 then
+      out[word] = bits
+      word, bits, bit = word + 1, 0, 1
+    end
+  end
+  if bit ~= 1 then
+    out[word] = bits
+  end
+  return failed
+end
+return environment, judge_fast, judge_careful
 "#;
 
 /// A filter compiled in this thread's state, or why it would not compile (so a
@@ -112,16 +168,56 @@ struct Compiled {
     function: Result<Function, String>,
 }
 
+/// A subscription table in this state: `slots[index]` is `{id = id, context = ...}`.
+struct Slot {
+    index: i64,
+    /// The id the table holds now.
+    id: u64,
+}
+
+/// Hashes a (filter version, context id) pair (both small unique counters).
+#[derive(Default)]
+struct PairHasher(u64);
+
+impl std::hash::Hasher for PairHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(29) ^ value).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type SlotMap = HashMap<(u64, u64), Slot, std::hash::BuildHasherDefault<PairHasher>>;
+
 /// This thread's Lua state and what it caches.
 pub struct Engine {
     lua: Lua,
     /// The read-only base environment each filter's own environment falls back to.
     base: Table,
+    /// The prelude's `judge_fast` and `judge_careful`: run a filter for a batch of
+    /// subscriptions.
+    judge_fast: Function,
+    judge_careful: Function,
     filters: HashMap<String, Compiled>,
-    /// Context tables by (filter version, context id): each filter version has its
-    /// own, so what one filter memoizes in a context cannot mislead another filter,
-    /// nor outlive a reload.
-    contexts: HashMap<(u64, u64), RegistryKey>,
+    /// Subscription tables (each with its context table) by (filter version, context
+    /// id): each filter version has its own, so what one filter memoizes in a context
+    /// cannot mislead another filter, nor outlive a reload.
+    contexts: SlotMap,
+    /// `slots[index]`: the subscription tables of `contexts`.
+    slots: Table,
+    /// Judge's output tables (verdict bits, errors), reused.
+    out: Table,
+    errors: Table,
+    /// Slot indices of the batch being judged, reused.
+    list: Vec<i64>,
     /// The record's table, made anew per (record, filter version): shared by the
     /// subscriptions one filter judges, never between filters.
     event: Table,
@@ -130,11 +226,14 @@ pub struct Engine {
     json: Function,
     /// Instruction checks left for the running call.
     budget: Rc<Cell<u32>>,
-    /// Set when the running call used up its budget or time; stays set for the rest
-    /// of the call, so `pcall` cannot swallow it.
-    exhausted: Rc<Cell<bool>>,
+    /// `state.current` when the hook last ran (-1: a new batch).
+    current: Rc<Cell<i64>>,
     /// When the running call started.
     started: Rc<Cell<Instant>>,
+    /// Shared with the prelude: `exhausted` is set when the running call used up its
+    /// budget or time, and stays set for the rest of the call, so `pcall` cannot
+    /// swallow it; `current` says which call of a batch runs.
+    state: Table,
     limits: FilterLimits,
 }
 
@@ -187,22 +286,42 @@ impl Engine {
         )?;
         lua.set_memory_limit(limits.memory_bytes)?;
         let budget = Rc::new(Cell::new(0u32));
-        let exhausted = Rc::new(Cell::new(false));
+        let current = Rc::new(Cell::new(-1i64));
         let started = Rc::new(Cell::new(Instant::now()));
-        let flag = exhausted.clone();
-        let is_exhausted = lua.create_function(move |_, ()| Ok(flag.get()))?;
-        let base: Table = lua
+        let state = lua.create_table()?;
+        state.raw_set("exhausted", false)?;
+        let (base, judge_fast, judge_careful): (Table, Function, Function) = lua
             .load(PRELUDE)
             .set_name("=prelude")
             .set_mode(ChunkMode::Text)
-            .call(is_exhausted)?;
-        let (left, flag, since) = (budget.clone(), exhausted.clone(), started.clone());
+            .call(state.clone())?;
+        let (left, seen, since, shared) = (
+            budget.clone(),
+            current.clone(),
+            started.clone(),
+            state.clone(),
+        );
+        let full = (limits.instructions / HOOK_EVERY).max(1);
         lua.set_hook(
             HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-            move |_, _| {
+            move |_, debug| {
+                // A new call of a batch starts a new budget.
+                let now: i64 = shared.raw_get("current").unwrap_or(0);
+                if now != seen.get() {
+                    seen.set(now);
+                    left.set(full);
+                    since.set(Instant::now());
+                }
                 let remaining = left.get();
-                if remaining == 0 || flag.get() || since.get().elapsed() > MAX_CALL_TIME {
-                    flag.set(true);
+                let exhausted = shared.raw_get::<bool>("exhausted").unwrap_or(true);
+                if remaining == 0 || exhausted || since.get().elapsed() > MAX_CALL_TIME {
+                    shared.raw_set("exhausted", true)?;
+                    // The prelude's own functions are short and end the failed call
+                    // themselves (`guard`); `judge`, between two calls, must not
+                    // fail the rest of its batch.
+                    if debug.source().source.as_deref() == Some("=prelude") {
+                        return Ok(VmState::Continue);
+                    }
                     return Err(mlua::Error::runtime("instruction budget exhausted"));
                 }
                 left.set(remaining - 1);
@@ -226,26 +345,36 @@ impl Engine {
         })?;
         let event = lua.create_table()?;
         Ok(Engine {
-            lua,
             base,
+            judge_fast,
+            judge_careful,
             filters: HashMap::new(),
-            contexts: HashMap::new(),
+            contexts: SlotMap::default(),
+            slots: lua.create_table()?,
+            out: lua.create_table()?,
+            errors: lua.create_table()?,
+            list: Vec::new(),
             event,
             event_key: None,
             json,
             budget,
-            exhausted,
+            current,
             started,
+            state,
             limits,
+            lua,
         })
     }
 
-    /// Starts the bounds of a call.
-    fn arm(&self) {
+    /// Starts the bounds of a call (or of a batch: each of its calls then starts its
+    /// own).
+    fn arm(&self) -> mlua::Result<()> {
         self.budget
             .set((self.limits.instructions / HOOK_EVERY).max(1));
-        self.exhausted.set(false);
+        self.current.set(-1);
         self.started.set(Instant::now());
+        self.state.raw_set("current", 0)?;
+        self.state.raw_set("exhausted", false)
     }
 
     /// Compiles `source` (text only) into a filter function in a fresh environment.
@@ -264,7 +393,7 @@ impl Engine {
             .into_function()
             .map_err(lua_error)?;
         // Running the chunk defines the filter; it is bounded like a call.
-        self.arm();
+        self.arm().map_err(lua_error)?;
         match chunk.call::<Value>(()).map_err(lua_error)? {
             Value::Function(function) => Ok(function),
             other => Err(format!(
@@ -316,30 +445,49 @@ impl Engine {
         Ok(())
     }
 
-    /// Forgets every cached context table and collects the garbage (a full cache, or
-    /// the memory limit reached).
+    /// Forgets every cached context and subscription table and collects the garbage
+    /// (a full cache, or the memory limit reached).
     fn drop_contexts(&mut self) {
         self.contexts.clear();
-        self.lua.expire_registry_values();
+        if let Ok(slots) = self.lua.create_table() {
+            self.slots = slots;
+        }
         let _ = self.lua.gc_collect();
     }
 
-    fn context_table(&mut self, context: &Context, version: u64) -> mlua::Result<Table> {
-        if let Some(key) = self.contexts.get(&(version, context.id())) {
-            return self.lua.registry_value(key);
+    /// The index in `slots` of the subscription table for `context` under filter
+    /// `version`, holding `subscription_id`.
+    fn slot(&mut self, context: &Context, version: u64, subscription_id: u64) -> mlua::Result<i64> {
+        if let Some(slot) = self.contexts.get_mut(&(version, context.id())) {
+            if slot.id != subscription_id {
+                let table: Table = self.slots.raw_get(slot.index)?;
+                table.raw_set("id", subscription_id)?;
+                slot.id = subscription_id;
+            }
+            return Ok(slot.index);
         }
         if self.contexts.len() >= MAX_CACHED_CONTEXTS {
             self.drop_contexts();
         }
-        let table = self
+        let values = self
             .lua
             .create_table_with_capacity(0, context.values().len())?;
         for (key, value) in context.values() {
-            table.raw_set(key.as_str(), value.as_str())?;
+            values.raw_set(key.as_str(), value.as_str())?;
         }
-        let key = self.lua.create_registry_value(table.clone())?;
-        self.contexts.insert((version, context.id()), key);
-        Ok(table)
+        let table = self.lua.create_table_with_capacity(0, 2)?;
+        table.raw_set("id", subscription_id)?;
+        table.raw_set("context", values)?;
+        let index = self.slots.raw_len() as i64 + 1;
+        self.slots.raw_set(index, table)?;
+        self.contexts.insert(
+            (version, context.id()),
+            Slot {
+                index,
+                id: subscription_id,
+            },
+        );
+        Ok(index)
     }
 
     /// Runs `filter` for one subscription: `true` to deliver.
@@ -350,41 +498,134 @@ impl Engine {
         subscription_id: u64,
         context: &Context,
     ) -> Result<bool, EvalError> {
-        let function = self.function(filter)?;
-        let result = self.call(&function, filter.version, event, subscription_id, context);
-        match result {
-            Ok(Value::Boolean(deliver)) => Ok(deliver),
-            Ok(other) => Err(EvalError::Runtime(format!(
-                "the filter returned {}, not a boolean",
-                other.type_name()
-            ))),
+        let mut verdicts = Vec::with_capacity(1);
+        self.evaluate_many(filter, event, &[(subscription_id, context)], &mut verdicts);
+        verdicts.pop().expect("one verdict per subscription")
+    }
+
+    /// Runs `filter` for each of `subscriptions` (id, context) on one event, in one
+    /// call into Lua, and appends their verdicts (`true` to deliver) to `verdicts` in
+    /// order. Each subscription's call is bounded and contained on its own.
+    pub fn evaluate_many(
+        &mut self,
+        filter: &LoadedFilter,
+        event: &EventView<'_>,
+        subscriptions: &[(u64, &Context)],
+        verdicts: &mut Vec<Result<bool, EvalError>>,
+    ) {
+        let function = match self.function(filter) {
+            Ok(function) => function,
             Err(error) => {
-                if is_memory_error(&error) {
-                    // Give the memory back (cached contexts included) before the next
-                    // call, so one greedy filter cannot wedge the state.
-                    self.drop_contexts();
-                }
-                Err(EvalError::Runtime(lua_error(error)))
+                verdicts.extend(subscriptions.iter().map(|_| Err(error.clone())));
+                return;
             }
+        };
+        let first = verdicts.len();
+        let judged = self.judge(&function, filter.version, event, subscriptions, verdicts);
+        if let Err(error) = judged {
+            // The batch itself failed (before or around the calls; not a filter's own
+            // error, which `judge` catches per call).
+            if is_memory_error(&error) {
+                self.drop_contexts();
+            }
+            let error = EvalError::Runtime(lua_error(error));
+            verdicts.truncate(first);
+            verdicts.extend(subscriptions.iter().map(|_| Err(error.clone())));
         }
     }
 
-    fn call(
+    fn judge(
         &mut self,
         function: &Function,
         version: u64,
         event: &EventView<'_>,
-        subscription_id: u64,
-        context: &Context,
-    ) -> mlua::Result<Value> {
+        subscriptions: &[(u64, &Context)],
+        verdicts: &mut Vec<Result<bool, EvalError>>,
+    ) -> mlua::Result<()> {
         self.set_event(event, version)?;
-        let context_table = self.context_table(context, version)?;
-        // A fresh table per call: a filter cannot leave anything in it for the next.
-        let subscription = self.lua.create_table_with_capacity(0, 2)?;
-        subscription.raw_set("id", subscription_id)?;
-        subscription.raw_set("context", context_table)?;
-        self.arm();
-        function.call::<Value>((self.event.clone(), subscription))
+        let mut list = std::mem::take(&mut self.list);
+        list.clear();
+        for &(id, context) in subscriptions {
+            match self.slot(context, version, id) {
+                Ok(index) => list.push(index),
+                Err(error) => {
+                    self.list = list;
+                    return Err(error);
+                }
+            }
+        }
+        let indices = self.lua.create_sequence_from(list.iter().copied());
+        self.list = list;
+        let indices = indices?;
+        self.arm()?;
+        let n = subscriptions.len();
+        let fast = self.judge_fast.call::<i64>((
+            function,
+            &self.event,
+            &self.slots,
+            &indices,
+            n,
+            &self.out,
+        ));
+        let failed = if matches!(fast, Ok(0)) {
+            0
+        } else {
+            // A call failed: again from the start of its word of verdicts (those
+            // before it in the word were not stored), each call protected.
+            let current: i64 = self.state.raw_get("current")?;
+            let from = (current.max(1) - 1) / 64 * 64 + 1;
+            self.arm()?;
+            self.judge_careful.call::<usize>((
+                function,
+                &self.event,
+                &self.slots,
+                &indices,
+                n,
+                &self.out,
+                &self.errors,
+                from,
+            ))?
+        };
+        let mut word = 0i64;
+        for i in 0..subscriptions.len() {
+            if i % 64 == 0 {
+                word = self.out.raw_get(i / 64 + 1)?;
+            }
+            verdicts.push(Ok(word & (1 << (i % 64)) != 0));
+        }
+        if failed > 0 {
+            let first = verdicts.len() - subscriptions.len();
+            let mut out_of_memory = false;
+            for pair in self.errors.pairs::<usize, Value>() {
+                let (i, error) = pair?;
+                let message = match error {
+                    Value::Error(error) => {
+                        out_of_memory |= is_memory_error(&error);
+                        lua_error(*error)
+                    }
+                    Value::String(message) => {
+                        let message = message.to_string_lossy();
+                        if message == "not enough memory" {
+                            out_of_memory = true;
+                            format!("memory limit reached: {message}")
+                        } else {
+                            message
+                        }
+                    }
+                    other => format!("the filter raised a {} as its error", other.type_name()),
+                };
+                if let Some(slot) = verdicts.get_mut(first + i - 1) {
+                    *slot = Err(EvalError::Runtime(message));
+                }
+            }
+            self.errors = self.lua.create_table()?;
+            if out_of_memory {
+                // Give the memory back (cached contexts included) before the next
+                // call, so one greedy filter cannot wedge the state.
+                self.drop_contexts();
+            }
+        }
+        Ok(())
     }
 }
 

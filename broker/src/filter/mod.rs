@@ -409,34 +409,63 @@ pub fn evaluate(
     subscription_id: u64,
     context: &Context,
 ) -> Result<bool, EvalError> {
-    filter.stats.evaluations.fetch_add(1, Ordering::Relaxed);
     let result = engine::with_engine(limits, |engine| {
         engine.evaluate(filter, event, subscription_id, context)
     })
     .and_then(|r| r);
-    match &result {
-        Ok(false) => {
-            filter.stats.denials.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(true) => {}
-        Err(error) => {
-            filter.stats.errors.fetch_add(1, Ordering::Relaxed);
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
-            let last = filter.stats.last_logged_ms.load(Ordering::Relaxed);
-            if now >= last + 1000
-                && filter
-                    .stats
-                    .last_logged_ms
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                tracing::warn!(filter = %filter.name, topic = event.topic, offset = event.offset, %error, "filter failed; record withheld from the subscription");
-            }
-        }
-    }
+    count(filter, event, std::slice::from_ref(&result));
     result
+}
+
+/// Runs `filter` on `event` for many subscriptions (id, context) at once, in one
+/// call into this thread's Lua state, and appends their verdicts to `verdicts` in
+/// order. Each subscription's call is bounded and contained on its own: one that
+/// fails withholds the record from that subscription only. Counted and logged as
+/// [`evaluate`] does.
+pub fn evaluate_many(
+    filter: &LoadedFilter,
+    limits: FilterLimits,
+    event: &EventView<'_>,
+    subscriptions: &[(u64, &Context)],
+    verdicts: &mut Vec<Result<bool, EvalError>>,
+) {
+    let first = verdicts.len();
+    let engine = engine::with_engine(limits, |engine| {
+        engine.evaluate_many(filter, event, subscriptions, verdicts)
+    });
+    if let Err(error) = engine {
+        verdicts.extend(subscriptions.iter().map(|_| Err(error.clone())));
+    }
+    count(filter, event, &verdicts[first..]);
+}
+
+/// Counts a filter's verdicts and logs a failure at most once a second per filter.
+fn count(filter: &LoadedFilter, event: &EventView<'_>, verdicts: &[Result<bool, EvalError>]) {
+    let stats = &filter.stats;
+    stats
+        .evaluations
+        .fetch_add(verdicts.len() as u64, Ordering::Relaxed);
+    let denials = verdicts.iter().filter(|v| matches!(v, Ok(false))).count();
+    if denials > 0 {
+        stats.denials.fetch_add(denials as u64, Ordering::Relaxed);
+    }
+    let mut errors = verdicts.iter().filter_map(|v| v.as_ref().err());
+    let Some(error) = errors.next() else { return };
+    stats
+        .errors
+        .fetch_add(1 + errors.count() as u64, Ordering::Relaxed);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let last = stats.last_logged_ms.load(Ordering::Relaxed);
+    if now >= last + 1000
+        && stats
+            .last_logged_ms
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(filter = %filter.name, topic = event.topic, offset = event.offset, %error, "filter failed; record withheld from the subscription");
+    }
 }
 
 /// Hashes a context hash by itself (it is already a good hash).
@@ -487,18 +516,19 @@ impl std::fmt::Debug for SharedVerdicts {
     }
 }
 
+/// A (filter, context) that [`SharedVerdicts::prepare`] is to judge.
+struct Pending<'c> {
+    known: usize,
+    hash: u64,
+    /// Where its verdict goes: its index in `collisions`, or `by_hash[hash]`.
+    collision: Option<usize>,
+    subscription_id: u64,
+    context: &'c Context,
+}
+
 impl SharedVerdicts {
-    /// Whether a subscription with filter `name` and `context` may receive `event`. A
-    /// filter that fails, or is no longer loaded, withholds the record.
-    pub fn allows(
-        &mut self,
-        filters: &FilterSet,
-        name: &str,
-        context: &Context,
-        subscription_id: u64,
-        event: &EventView<'_>,
-    ) -> bool {
-        let index = match self.known.iter().position(|k| k.name == name) {
+    fn known(&mut self, filters: &FilterSet, name: &str) -> usize {
+        match self.known.iter().position(|k| k.name == name) {
             Some(index) => index,
             None => {
                 self.known.push(FilterVerdicts {
@@ -509,7 +539,88 @@ impl SharedVerdicts {
                 });
                 self.known.len() - 1
             }
-        };
+        }
+    }
+
+    /// Judges every (filter, context) of `subscriptions` (filter name, context,
+    /// subscription id) not judged yet for `event`: the distinct contexts of each
+    /// filter go to Lua together, in one call. [`SharedVerdicts::allows`] then answers
+    /// for them without evaluating. Equal contexts are judged once, for the first
+    /// subscription that has them.
+    pub fn prepare<'c>(
+        &mut self,
+        filters: &FilterSet,
+        event: &EventView<'_>,
+        subscriptions: impl IntoIterator<Item = (&'c str, &'c Context, u64)>,
+    ) {
+        let mut pending: Vec<Pending<'c>> = Vec::new();
+        for (name, context, subscription_id) in subscriptions {
+            let known = self.known(filters, name);
+            let verdicts = &mut self.known[known];
+            let hash = context.content_hash();
+            let collision = match verdicts.by_hash.entry(hash) {
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert((context.clone(), false));
+                    None
+                }
+                std::collections::hash_map::Entry::Occupied(seen) => {
+                    if seen.get().0 == *context
+                        || verdicts.collisions.iter().any(|(c, _)| c == context)
+                    {
+                        continue; // judged, or about to be
+                    }
+                    verdicts.collisions.push((context.clone(), false));
+                    Some(verdicts.collisions.len() - 1)
+                }
+            };
+            pending.push(Pending {
+                known,
+                hash,
+                collision,
+                subscription_id,
+                context,
+            });
+        }
+        if pending.is_empty() {
+            return;
+        }
+        pending.sort_by_key(|p| p.known);
+        let mut results = Vec::with_capacity(pending.len());
+        let mut batch = Vec::new();
+        for group in pending.chunk_by(|a, b| a.known == b.known) {
+            let verdicts = &mut self.known[group[0].known];
+            let Some(filter) = &verdicts.filter else {
+                continue; // not loaded: withheld (the verdicts stay false)
+            };
+            batch.clear();
+            batch.extend(group.iter().map(|p| (p.subscription_id, p.context)));
+            results.clear();
+            evaluate_many(filter, filters.limits(), event, &batch, &mut results);
+            for (p, result) in group.iter().zip(&results) {
+                let verdict = *result.as_ref().unwrap_or(&false);
+                match p.collision {
+                    Some(i) => verdicts.collisions[i].1 = verdict,
+                    None => {
+                        if let Some(slot) = verdicts.by_hash.get_mut(&p.hash) {
+                            slot.1 = verdict;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether a subscription with filter `name` and `context` may receive `event`. A
+    /// filter that fails, or is no longer loaded, withholds the record.
+    pub fn allows(
+        &mut self,
+        filters: &FilterSet,
+        name: &str,
+        context: &Context,
+        subscription_id: u64,
+        event: &EventView<'_>,
+    ) -> bool {
+        let index = self.known(filters, name);
         let known = &mut self.known[index];
         let hash = context.content_hash();
         match known.by_hash.get(&hash) {
@@ -849,6 +960,147 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         assert_eq!(set.reload().removed, vec!["allow".to_owned()]);
         assert!(set.get("allow").is_none());
+    }
+
+    #[test]
+    fn a_batch_keeps_each_failure_to_its_own_subscription() {
+        let set = set_with(
+            "mixed",
+            r#"return function(event, sub)
+                 local mode = sub.context.mode
+                 if mode == "error" then error("boom " .. sub.id) end
+                 if mode == "loop" then while true do end end
+                 if mode == "number" then return 42 end
+                 if mode == "memory" then
+                   local t = {} for i = 1, 1000 do t[i] = string.rep('x', 1048576) .. i end
+                 end
+                 return mode == "yes"
+               end"#,
+        );
+        // 200 subscriptions (four words of verdicts) with failures first in a word,
+        // last in a word, twice in one word, and in the last, partial word.
+        let failing = [
+            (0, "error"),
+            (63, "loop"),
+            (64, "number"),
+            (70, "error"),
+            (71, "memory"),
+            (127, "loop"),
+            (199, "error"),
+        ];
+        let contexts: Vec<Context> = (0..200)
+            .map(|i| {
+                let mode = failing
+                    .iter()
+                    .find(|(at, _)| *at == i)
+                    .map_or(if i % 3 == 0 { "yes" } else { "no" }, |(_, mode)| mode);
+                Context::new([
+                    ("mode".to_owned(), mode.to_owned()),
+                    ("n".to_owned(), i.to_string()),
+                ])
+            })
+            .collect();
+        let subscriptions: Vec<(u64, &Context)> = contexts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as u64, c))
+            .collect();
+        let headers = Vec::new();
+        let filter = set.get("mixed").unwrap();
+        // From the first subscription (the first call fails), and from the second
+        // (the first failure is in the middle of a word).
+        for skip in [0, 1] {
+            let mut verdicts = Vec::new();
+            evaluate_many(
+                &filter,
+                LIMITS,
+                &event(&headers, b""),
+                &subscriptions[skip..],
+                &mut verdicts,
+            );
+            assert_eq!(verdicts.len(), 200 - skip);
+            for (i, verdict) in verdicts.iter().enumerate() {
+                let i = i + skip;
+                match failing.iter().find(|(at, _)| *at == i) {
+                    Some((_, mode)) => {
+                        let expected = match *mode {
+                            "error" => format!("boom {i}"),
+                            "loop" => "budget".to_owned(),
+                            "number" => "returned number, not a boolean".to_owned(),
+                            _ => "memory limit".to_owned(),
+                        };
+                        match verdict {
+                            Err(EvalError::Runtime(message)) => {
+                                assert!(message.contains(&expected), "{i}: {message}")
+                            }
+                            other => panic!("{i}: expected {expected}, got {other:?}"),
+                        }
+                    }
+                    None => assert_eq!(verdict, &Ok(i % 3 == 0), "subscription {i}"),
+                }
+            }
+        }
+        let stats = &filter.stats;
+        assert_eq!(stats.evaluations.load(Ordering::Relaxed), 399);
+        assert_eq!(
+            stats.errors.load(Ordering::Relaxed),
+            2 * failing.len() as u64 - 1
+        );
+        // The state serves the next batch normally.
+        let mut verdicts = Vec::new();
+        evaluate_many(
+            &filter,
+            LIMITS,
+            &event(&headers, b""),
+            &subscriptions[1..63],
+            &mut verdicts,
+        );
+        assert!(
+            verdicts
+                .iter()
+                .enumerate()
+                .all(|(i, v)| *v == Ok((i + 1) % 3 == 0))
+        );
+    }
+
+    #[test]
+    fn shared_verdicts_judge_each_distinct_context_once() {
+        let set = set_with(
+            "count",
+            r#"local calls = 0
+               return function(event, sub)
+                 calls = calls + 1
+                 sub.context._calls = calls
+                 return sub.context.role == "mod" and calls < 1000
+               end"#,
+        );
+        let roles = ["mod", "member", "mod", "guest", "member", "mod"];
+        let contexts: Vec<Context> = roles
+            .iter()
+            .map(|r| Context::new([("role".to_owned(), (*r).to_owned())]))
+            .collect();
+        let headers = Vec::new();
+        let view = event(&headers, b"");
+        let mut verdicts = SharedVerdicts::default();
+        verdicts.prepare(
+            &set,
+            &view,
+            contexts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ("count", c, i as u64))
+                .chain([("missing", &contexts[0], 99)]),
+        );
+        let stats = &set.get("count").unwrap().stats;
+        assert_eq!(stats.evaluations.load(Ordering::Relaxed), 3);
+        for (i, context) in contexts.iter().enumerate() {
+            assert_eq!(
+                verdicts.allows(&set, "count", context, i as u64, &view),
+                roles[i] == "mod"
+            );
+        }
+        assert!(!verdicts.allows(&set, "missing", &contexts[0], 99, &view));
+        assert_eq!(stats.evaluations.load(Ordering::Relaxed), 3);
     }
 
     #[test]

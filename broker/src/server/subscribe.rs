@@ -633,6 +633,22 @@ impl SubscriberStream {
         let mut delivery = convert::live_delivery(batch, item.index as usize);
         let mut live_ids = Vec::with_capacity(item.subscribers.len());
         let mut verdicts = Verdicts::default();
+        // The filtered subscriptions' verdicts, judged together (one call into Lua
+        // per filter), before the record is handed out.
+        let subscriptions = &self.subscriptions;
+        verdicts.prepare(
+            &self.limits.filters,
+            &delivery,
+            item.subscribers.iter().filter_map(|&(id, generation)| {
+                let subscription = subscriptions.get(&id)?;
+                let filter = subscription.filter.as_deref()?;
+                (subscription.generation == generation).then_some((
+                    filter,
+                    &subscription.context,
+                    id,
+                ))
+            }),
+        );
         for &(id, generation) in item.subscribers.iter() {
             let Some(subscription) = self.subscriptions.get(&id) else {
                 continue;
@@ -750,6 +766,45 @@ struct Verdicts {
 }
 
 impl Verdicts {
+    /// `delivery` as the filter API sees it.
+    fn event<'a>(
+        headers: &'a mut Option<(Vec<(String, String)>, u64)>,
+        delivery: &'a pb::Delivery,
+    ) -> EventView<'a> {
+        let (headers, key) = headers.get_or_insert_with(|| {
+            let headers = delivery
+                .headers
+                .iter()
+                .map(|h| (h.key.clone(), h.value.clone()))
+                .collect();
+            (headers, EventView::new_key())
+        });
+        EventView {
+            key: *key,
+            topic: &delivery.topic,
+            offset: delivery.offset,
+            timestamp_ms: delivery.timestamp_ms,
+            headers,
+            payload: &delivery.payload,
+        }
+    }
+
+    /// Judges the filtered `subscriptions` (filter, context, id) of `delivery`
+    /// together; `allows` then answers for them.
+    fn prepare<'c>(
+        &mut self,
+        filters: &FilterSet,
+        delivery: &pb::Delivery,
+        subscriptions: impl Iterator<Item = (&'c str, &'c Context, u64)>,
+    ) {
+        let mut subscriptions = subscriptions.peekable();
+        if subscriptions.peek().is_none() {
+            return;
+        }
+        let event = Self::event(&mut self.headers, delivery);
+        self.shared.prepare(filters, &event, subscriptions);
+    }
+
     /// Whether `subscription` (id `id`) may receive `delivery`.
     fn allows(
         &mut self,
@@ -761,22 +816,7 @@ impl Verdicts {
         let Some(name) = &subscription.filter else {
             return true;
         };
-        let (headers, key) = self.headers.get_or_insert_with(|| {
-            let headers = delivery
-                .headers
-                .iter()
-                .map(|h| (h.key.clone(), h.value.clone()))
-                .collect();
-            (headers, EventView::new_key())
-        });
-        let event = EventView {
-            key: *key,
-            topic: &delivery.topic,
-            offset: delivery.offset,
-            timestamp_ms: delivery.timestamp_ms,
-            headers,
-            payload: &delivery.payload,
-        };
+        let event = Self::event(&mut self.headers, delivery);
         self.shared
             .allows(filters, name, &subscription.context, id, &event)
     }
