@@ -36,69 +36,75 @@ local function parse_pairs(text)
   return map
 end
 
+-- Ids are compared as integers where they are numbers (Discord's are), else as text.
+local function id_of(text)
+  return tointeger(tonumber(text)) or text
+end
+
 local function parse_overwrites(text)
   local map = {}
   for id, allow, deny in gmatch(text or "", "([^:,]+):(%d+):(%d+)") do
-    map[id] = { allow = tointeger(tonumber(allow)) or 0, deny = tointeger(tonumber(deny)) or 0 }
+    map[id_of(id)] = { allow = tointeger(tonumber(allow)) or 0, deny = tointeger(tonumber(deny)) or 0 }
   end
   return map
 end
 
-local function roles_of(text)
-  local roles = {}
-  for role in gmatch(text or "", "[^,]+") do
-    roles[#roles + 1] = role
-  end
-  return roles
-end
-
--- What depends on the member only is computed once per context (cached in the
--- context table, which lives as long as the context); the overwrites once per event.
-local function member_of(context)
-  local member = context._member
-  if member == nil then
-    local role_permissions = parse_pairs(context.role_permissions)
-    local roles = roles_of(context.roles)
-    local base = role_permissions[context.guild_id] or 0
-    for _, role in ipairs(roles) do
-      base = base | (role_permissions[role] or 0)
+-- Members whose verdict can differ only by their own overwrite share a "shape":
+-- the guild, the base permissions and the role list. Shapes are numbered (numbers
+-- are cheaper keys than strings); a number is never reused for another shape.
+local shapes, shape_count, next_shape = {}, 0, 1
+local function shape_of(guild, base, roles_text, sees_all)
+  local key = guild .. "|" .. base .. "|" .. roles_text .. (sees_all and "|all" or "")
+  local shape = shapes[key]
+  if shape == nil then
+    if shape_count >= 100000 then
+      shapes, shape_count = {}, 0 -- bounded: older members just share less
     end
-    member = {
-      roles = roles,
-      base = base,
-      sees_all = context.owner == "true" or base & ADMINISTRATOR ~= 0,
-    }
-    context._member = member
+    shape, next_shape, shape_count = next_shape, next_shape + 1, shape_count + 1
+    shapes[key] = shape
   end
-  return member
+  return shape
 end
 
-local function overwrites_of(event)
-  local overwrites = event._overwrites
-  if overwrites == nil then
-    overwrites = parse_overwrites(event.headers.overwrites)
-    event._overwrites = overwrites
-  end
-  return overwrites
-end
-
-return function(event, subscription)
-  if event.headers.channel_id == nil then
-    return true
-  end
+-- What depends on the member only is computed once per context and kept in the
+-- context table (which lives as long as the context); what every call needs (the
+-- shape and the member's id) also in the subscription table, which lives as long
+-- and is smaller (fewer memory reads per call when members are many).
+local function member_of(subscription)
   local context = subscription.context
-  local member = member_of(context)
-  if member.sees_all then
+  local role_permissions = parse_pairs(context.role_permissions)
+  local roles = {}
+  for role in gmatch(context.roles or "", "[^,]+") do
+    roles[#roles + 1] = id_of(role)
+  end
+  local guild = context.guild_id or ""
+  local base = role_permissions[guild] or 0
+  for role in gmatch(context.roles or "", "[^,]+") do
+    base = base | (role_permissions[role] or 0)
+  end
+  local sees_all = context.owner == "true" or base & ADMINISTRATOR ~= 0
+  context._guild = id_of(guild)
+  context._roles = roles
+  context._base = base
+  context._sees_all = sees_all
+  context._user = id_of(context.user_id or "")
+  local shape = shape_of(guild, base, context.roles or "", sees_all)
+  subscription._shape = shape
+  subscription._user = context._user
+  return shape
+end
+
+local function judge(context, overwrites)
+  if context._sees_all then
     return true
   end
-  local permissions = member.base
-  local overwrites = overwrites_of(event)
-  local everyone = overwrites[context.guild_id]
+  local permissions = context._base
+  local everyone = overwrites[context._guild]
   if everyone then
     permissions = (permissions & ~everyone.deny) | everyone.allow
   end
   local allow, deny = 0, 0
-  for _, role in ipairs(member.roles) do
+  for _, role in ipairs(context._roles) do
     local overwrite = overwrites[role]
     if overwrite then
       allow = allow | overwrite.allow
@@ -106,9 +112,42 @@ return function(event, subscription)
     end
   end
   permissions = (permissions & ~deny) | allow
-  local own = overwrites[context.user_id]
+  local own = overwrites[context._user]
   if own then
     permissions = (permissions & ~own.deny) | own.allow
   end
   return permissions & VIEW_CHANNEL ~= 0
+end
+
+-- What depends on the event only is computed once per event and kept in the event
+-- table, with the verdicts of the shapes judged so far.
+local function channel_of(event)
+  local channel = false -- guild-wide events (no channel) pass
+  if event.headers.channel_id ~= nil then
+    channel = { overwrites = parse_overwrites(event.headers.overwrites), by_shape = {} }
+  end
+  event._channel = channel
+  return channel
+end
+
+return function(event, subscription)
+  local channel = event._channel
+  if channel == nil then
+    channel = channel_of(event)
+  end
+  if not channel then
+    return true
+  end
+  local shape = subscription._shape or member_of(subscription)
+  local overwrites = channel.overwrites
+  if overwrites[subscription._user] then
+    return judge(subscription.context, overwrites) -- the member's own overwrite
+  end
+  local by_shape = channel.by_shape
+  local verdict = by_shape[shape]
+  if verdict == nil then
+    verdict = judge(subscription.context, overwrites)
+    by_shape[shape] = verdict
+  end
+  return verdict
 end
