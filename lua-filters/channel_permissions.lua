@@ -130,7 +130,7 @@ local function channel_of(event)
   return channel
 end
 
-return function(event, subscription)
+local function filter(event, subscription)
   local channel = event._channel
   if channel == nil then
     channel = channel_of(event)
@@ -151,3 +151,17 @@ return function(event, subscription)
   end
   return verdict
 end
+
+-- A member's own id matters only when the channel has an overwrite for it: for the
+-- other members, the broker judges their context without `user_id` once, and every
+-- member of the same roles and permissions shares that verdict. `named` lists the
+-- ids the channel's overwrites name (roles too: naming more only shares less).
+local function named(event)
+  local ids = {}
+  for id in gmatch(event.headers.overwrites or "", "([^:,]+):%d+:%d+") do
+    ids[#ids + 1] = id
+  end
+  return ids
+end
+
+return { filter = filter, share = { field = "user_id", named = named } }

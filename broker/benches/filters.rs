@@ -1,8 +1,11 @@
 //! One event fanned out to 10,000 filtered subscriptions, through the path the
-//! server takes (`SharedVerdicts::prepare`, then `allows` per subscription, over
+//! server takes (`SharedVerdicts::judge` over
 //! `lua-filters/channel_permissions.lua`):
 //! (a) 10,000 distinct contexts (every member has a `user_id`, so member overwrites
-//! can apply), (b) 20 distinct role sets (contexts without `user_id` are shared).
+//! can apply; the filter's `share` lets members its overwrites do not name share
+//! one verdict per role set), (b) 20 distinct role sets (contexts without `user_id`
+//! are equal, so shared), and (a) again with the filter's `share` declaration taken
+//! out (`unshared`: each of the 10,000 contexts judged on its own).
 //!
 //! `cargo bench -p switchyard-broker --bench filters` — time per iteration is for
 //! 10,000 subscriptions; divide by 10,000 for ns per subscription.
@@ -36,9 +39,17 @@ fn contexts(distinct_members: bool) -> Vec<Context> {
 fn fan_out(c: &mut Criterion) {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua-filters");
     let source = std::fs::read_to_string(root.join("channel_permissions.lua")).unwrap();
+    // The same filter without its `share` declaration: every distinct context is
+    // judged on its own.
+    let share = r#"return { filter = filter, share = { field = "user_id", named = named } }"#;
+    assert!(source.contains(share));
+    let unshared = source.replace(share, "return filter");
     let filters = FilterSet::empty(FilterLimits::default());
     filters
         .insert("channel_permissions", "channel_permissions.lua", source)
+        .unwrap();
+    filters
+        .insert("unshared", "channel_permissions_unshared.lua", unshared)
         .unwrap();
     let headers = vec![
         ("type".to_owned(), "MESSAGE_CREATE".to_owned()),
@@ -51,9 +62,13 @@ fn fan_out(c: &mut Criterion) {
     let payload = br#"{"content":"hello","author":{"id":"7"}}"#;
     let mut group = c.benchmark_group("filter_fan_out");
     group.throughput(Throughput::Elements(SUBSCRIPTIONS as u64));
-    for (name, distinct) in [("10000_distinct_contexts", true), ("20_role_sets", false)] {
+    for (filter, name, distinct) in [
+        ("channel_permissions", "10000_distinct_contexts", true),
+        ("channel_permissions", "20_role_sets", false),
+        ("unshared", "10000_distinct_contexts", true),
+    ] {
         let contexts = contexts(distinct);
-        group.bench_function(BenchmarkId::new("channel_permissions", name), |b| {
+        group.bench_function(BenchmarkId::new(filter, name), |b| {
             b.iter(|| {
                 let event = EventView {
                     key: EventView::new_key(),
@@ -64,21 +79,18 @@ fn fan_out(c: &mut Criterion) {
                     payload,
                 };
                 let mut verdicts = SharedVerdicts::default();
-                verdicts.prepare(
-                    &filters,
-                    &event,
-                    contexts
-                        .iter()
-                        .enumerate()
-                        .map(|(id, context)| ("channel_permissions", context, id as u64)),
-                );
-                let mut delivered = 0usize;
-                for (id, context) in contexts.iter().enumerate() {
-                    if verdicts.allows(&filters, "channel_permissions", context, id as u64, &event)
-                    {
-                        delivered += 1;
-                    }
-                }
+                let delivered = verdicts
+                    .judge(
+                        &filters,
+                        &event,
+                        contexts
+                            .iter()
+                            .enumerate()
+                            .map(|(id, context)| (filter, context, id as u64)),
+                    )
+                    .into_iter()
+                    .filter(|&allowed| allowed)
+                    .count();
                 assert!(delivered > 0 && delivered < SUBSCRIPTIONS);
                 delivered
             })

@@ -143,6 +143,65 @@ async fn one_delivery_per_stream_lists_exactly_the_subscriptions_whose_filter_pa
     broker.stop().await;
 }
 
+/// `lua-filters/channel_permissions.lua` declares `share` over `user_id`: members a
+/// record's overwrites do not name share one evaluation per role set, and one the
+/// overwrites name is judged on their own.
+#[tokio::test]
+async fn members_a_record_does_not_name_share_one_evaluation() {
+    let source = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../lua-filters/channel_permissions.lua"),
+    )
+    .unwrap();
+    let broker = broker_with(&[("channel_permissions", &source)]).await;
+    let mut client = broker.client().await;
+    let mut stream = Subscriber::open(&mut client).await;
+    // @everyone (role 1) sees nothing; role 20 may view channels.
+    let permissions = "1:0,20:1024,21:0";
+    for (id, user, roles) in [
+        (1, "101", "20"),
+        (2, "102", "20"),
+        (3, "103", "21"),
+        (4, "104", "21"),
+        (5, "105", "20"),
+        (6, "106", "20,21"),
+    ] {
+        let update = add(
+            &mut stream,
+            id,
+            "guild.1",
+            "channel_permissions",
+            &[
+                ("guild_id", "1"),
+                ("user_id", user),
+                ("roles", roles),
+                ("role_permissions", permissions),
+            ],
+        )
+        .await;
+        assert!(
+            matches!(update.state, Some(State::Started(_))),
+            "{update:?}"
+        );
+    }
+    let mut record = message("10", "hi");
+    // Role 21 is denied the channel; member 105 too, member 103 is allowed it.
+    record.headers.push(pb::Header {
+        key: "overwrites".into(),
+        value: "21:0:1024,105:0:1024,103:1024:0".into(),
+    });
+    client
+        .publish(publish(1, vec![record], pb::AckLevel::Written))
+        .await
+        .unwrap();
+    let got = stream.deliveries(1).await;
+    assert_eq!(ids(&got[0]), vec![1, 2, 3]);
+    // Judged: {roles 20}, {roles 21}, {roles 20,21} without user_id, plus members 103
+    // and 105 whom the overwrites name.
+    assert_eq!(broker_filters_stats(&broker, "channel_permissions").0, 5);
+    broker.stop().await;
+}
+
 /// (evaluations, errors) of filter `name`.
 fn broker_filters_stats(broker: &Broker, name: &str) -> (u64, u64) {
     let stats = broker.filters().stats();

@@ -36,7 +36,9 @@ fn blocked_users_cases_pass() {
 /// event; judged together they must get what each gets judged alone.
 #[test]
 fn channel_permissions_judged_together_match_judged_alone() {
-    use switchyard_broker::filter::{Context, EventView, FilterSet, evaluate, evaluate_many};
+    use switchyard_broker::filter::{
+        Context, EventView, FilterSet, SharedVerdicts, evaluate, evaluate_many,
+    };
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua-filters");
     let source = std::fs::read_to_string(root.join("channel_permissions.lua")).unwrap();
     let limits = FilterLimits::default();
@@ -109,6 +111,16 @@ fn channel_permissions_judged_together_match_judged_alone() {
             &subscriptions,
             &mut together,
         );
+        // As the server judges them: members not named by the overwrites share the
+        // verdict of their context without `user_id` (the filter's `share`).
+        let shared_view = view(EventView::new_key());
+        let shared = SharedVerdicts::default().judge(
+            &set,
+            &shared_view,
+            subscriptions
+                .iter()
+                .map(|&(id, c)| ("channel_permissions", c, id)),
+        );
         for (i, verdict) in together.iter().enumerate() {
             let alone = evaluate(
                 &filter,
@@ -118,6 +130,12 @@ fn channel_permissions_judged_together_match_judged_alone() {
                 &contexts[i],
             );
             assert_eq!(verdict, &alone, "round {round}, member {i}: {headers:?}");
+            let allowed = shared[i];
+            assert_eq!(
+                Ok(allowed),
+                alone,
+                "shared, round {round}, member {i}: {headers:?}"
+            );
             denied += usize::from(alone == Ok(false));
         }
     }

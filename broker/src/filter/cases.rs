@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use crate::filter::{Context, EventView, FilterLimits, FilterSet, evaluate};
+use crate::filter::{Context, EventView, FilterLimits, FilterSet, SharedVerdicts, evaluate};
 
 /// One case's outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,7 +86,7 @@ pub fn run(
         let expected = case["expect"]
             .as_bool()
             .ok_or_else(|| format!("{name}: \"expect\" must be true or false"))?;
-        let (passed, detail) = match evaluate(&filter, limits, &view, id, &context) {
+        let (mut passed, mut detail) = match evaluate(&filter, limits, &view, id, &context) {
             Ok(verdict) if verdict == expected => (true, String::new()),
             Ok(verdict) => (false, format!("expected {expected}, got {verdict}")),
             Err(error) => (
@@ -94,6 +94,20 @@ pub fn run(
                 format!("expected {expected}, the filter failed: {error}"),
             ),
         };
+        // The way the broker judges it, with the filter's `share` (if any) applied:
+        // a wrong `share` declaration shows here.
+        let shared_view = EventView {
+            key: EventView::new_key(),
+            ..view
+        };
+        let shared =
+            SharedVerdicts::default().allows(&set, "under_test", &context, id, &shared_view);
+        if passed && shared != expected {
+            passed = false;
+            detail = format!(
+                "expected {expected}; judged alone it is, but judged as the broker shares verdicts (the filter's `share`) it is {shared}: `share.named` misses a value this case depends on"
+            );
+        }
         results.push(CaseResult {
             name,
             passed,

@@ -165,7 +165,16 @@ return environment, judge_fast, judge_careful
 /// failing version is not compiled again on every call).
 struct Compiled {
     version: u64,
-    function: Result<Function, String>,
+    function: Result<Filter, String>,
+}
+
+/// A compiled filter: its function and, when it declares one, its `share`.
+#[derive(Clone)]
+pub struct Filter {
+    function: Function,
+    /// The context field the verdict depends on only for the subscribers a record
+    /// names, and the function that says which values of it a record names.
+    share: Option<(String, Function)>,
 }
 
 /// A subscription table in this state: `slots[index]` is `{id = id, context = ...}`.
@@ -378,7 +387,7 @@ impl Engine {
     }
 
     /// Compiles `source` (text only) into a filter function in a fresh environment.
-    pub fn compile(&self, chunk_name: &str, source: &str) -> Result<Function, String> {
+    pub fn compile(&self, chunk_name: &str, source: &str) -> Result<Filter, String> {
         let env = self.lua.create_table().map_err(lua_error)?;
         let meta = self.lua.create_table().map_err(lua_error)?;
         meta.raw_set("__index", self.base.clone())
@@ -395,17 +404,114 @@ impl Engine {
         // Running the chunk defines the filter; it is bounded like a call.
         self.arm().map_err(lua_error)?;
         match chunk.call::<Value>(()).map_err(lua_error)? {
-            Value::Function(function) => Ok(function),
+            Value::Function(function) => Ok(Filter {
+                function,
+                share: None,
+            }),
+            Value::Table(table) => {
+                let function = match table.raw_get::<Value>("filter").map_err(lua_error)? {
+                    Value::Function(function) => function,
+                    other => {
+                        return Err(format!(
+                            "the returned table's `filter` must be the filter function, not {}",
+                            other.type_name()
+                        ));
+                    }
+                };
+                let share = match table.raw_get::<Value>("share").map_err(lua_error)? {
+                    Value::Nil => None,
+                    Value::Table(share) => {
+                        let field = match share.raw_get::<Value>("field").map_err(lua_error)? {
+                            Value::String(field) => field.to_string_lossy(),
+                            other => {
+                                return Err(format!(
+                                    "`share.field` must be the name of a context field, not {}",
+                                    other.type_name()
+                                ));
+                            }
+                        };
+                        let named = match share.raw_get::<Value>("named").map_err(lua_error)? {
+                            Value::Function(named) => named,
+                            other => {
+                                return Err(format!(
+                                    "`share.named` must be a function (event -> the values of `{field}` it names), not {}",
+                                    other.type_name()
+                                ));
+                            }
+                        };
+                        Some((field, named))
+                    }
+                    other => {
+                        return Err(format!(
+                            "`share` must be a table {{field = ..., named = function(event) ... end}}, not {}",
+                            other.type_name()
+                        ));
+                    }
+                };
+                Ok(Filter { function, share })
+            }
             other => Err(format!(
-                "the file must return the filter function (`return function(event, subscription) ... end`), not {}",
+                "the file must return the filter function (`return function(event, subscription) ... end`) or a table with it, not {}",
                 other.type_name()
             )),
         }
     }
 
+    /// The context field `filter` shares verdicts over and the values of it that
+    /// `event` names (`None`: the filter declares no `share`). A `named` that fails
+    /// is an error; the caller then shares nothing.
+    pub fn named(
+        &mut self,
+        filter: &LoadedFilter,
+        event: &EventView<'_>,
+    ) -> Result<Option<(String, Vec<String>)>, EvalError> {
+        let Some((field, named)) = self.function(filter)?.share else {
+            return Ok(None);
+        };
+        let names = (|| {
+            self.set_event(event, filter.version)?;
+            self.arm()?;
+            let names: Value = named.call(&self.event)?;
+            let mut values = Vec::new();
+            match names {
+                Value::Nil => {}
+                Value::Table(names) => {
+                    for name in names.sequence_values::<Value>() {
+                        match name? {
+                            Value::String(name) => values.push(name.to_string_lossy()),
+                            Value::Integer(n) => values.push(n.to_string()),
+                            other => {
+                                return Err(mlua::Error::runtime(format!(
+                                    "share.named returned a list holding a {}, not strings",
+                                    other.type_name()
+                                )));
+                            }
+                        }
+                    }
+                }
+                other => {
+                    return Err(mlua::Error::runtime(format!(
+                        "share.named returned {}, not a list of strings",
+                        other.type_name()
+                    )));
+                }
+            }
+            Ok(values)
+        })();
+        match names {
+            Ok(values) => Ok(Some((field, values))),
+            Err(error) => {
+                if is_memory_error(&error) {
+                    self.drop_contexts();
+                }
+                Err(EvalError::Runtime(lua_error(error)))
+            }
+        }
+    }
+
     /// The compiled function of `filter`, compiling it if this thread has another
     /// version.
-    fn function(&mut self, filter: &LoadedFilter) -> Result<Function, EvalError> {
+    fn function(&mut self, filter: &LoadedFilter) -> Result<Filter, EvalError> {
         if let Some(compiled) = self.filters.get(&filter.name)
             && compiled.version == filter.version
         {
@@ -514,7 +620,7 @@ impl Engine {
         verdicts: &mut Vec<Result<bool, EvalError>>,
     ) {
         let function = match self.function(filter) {
-            Ok(function) => function,
+            Ok(compiled) => compiled.function,
             Err(error) => {
                 verdicts.extend(subscriptions.iter().map(|_| Err(error.clone())));
                 return;

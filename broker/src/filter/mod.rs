@@ -90,15 +90,30 @@ impl EventView<'_> {
 pub struct Context {
     /// Unique per context made: the key of its Lua table in each thread's cache.
     id: u64,
-    values: Arc<BTreeMap<String, String>>,
+    values: Arc<Values>,
     hash: u64,
+}
+
+/// A context's values, shared by every equal context alive.
+#[derive(Debug)]
+struct Values {
+    map: BTreeMap<String, String>,
+    /// The context without one field (the first a filter's `share` names), made on
+    /// first use: `None` when the context has no such field.
+    without: std::sync::OnceLock<(String, Option<(String, Context)>)>,
+}
+
+impl PartialEq for Values {
+    fn eq(&self, other: &Self) -> bool {
+        self.map == other.map
+    }
 }
 
 static NEXT_CONTEXT: AtomicU64 = AtomicU64::new(1);
 
 /// Live contexts by content hash, so that equal contexts share one map and compare
 /// by pointer.
-type Interned = std::sync::Mutex<HashMap<u64, Vec<std::sync::Weak<BTreeMap<String, String>>>>>;
+type Interned = std::sync::Mutex<HashMap<u64, Vec<std::sync::Weak<Values>>>>;
 static INTERNED: std::sync::LazyLock<Interned> = std::sync::LazyLock::new(Default::default);
 
 impl Context {
@@ -120,11 +135,14 @@ impl Context {
         let values = match same
             .iter()
             .filter_map(|weak| weak.upgrade())
-            .find(|v| **v == values)
+            .find(|v| v.map == values)
         {
             Some(existing) => existing,
             None => {
-                let values = Arc::new(values);
+                let values = Arc::new(Values {
+                    map: values,
+                    without: std::sync::OnceLock::new(),
+                });
                 same.push(Arc::downgrade(&values));
                 values
             }
@@ -141,7 +159,31 @@ impl Context {
     }
 
     pub fn values(&self) -> &BTreeMap<String, String> {
-        &self.values
+        &self.values.map
+    }
+
+    /// The context to judge in this one's place when a filter shares verdicts over
+    /// `field` (see `share` in `docs/filters.md`): the context without `field` when it
+    /// has the field and `named` says the record does not name its value, else this
+    /// context. The context without the field is made once (for the first field
+    /// asked; for another field this context is judged as it is).
+    pub fn shared_form(&self, field: &str, named: impl Fn(&str) -> bool) -> &Context {
+        let (cached_field, without) = self.values.without.get_or_init(|| {
+            let without = self.values.map.get(field).map(|value| {
+                let rest = self
+                    .values
+                    .map
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != field)
+                    .map(|(k, v)| (k.clone(), v.clone()));
+                (value.clone(), Context::new(rest))
+            });
+            (field.to_owned(), without)
+        });
+        match without {
+            Some((value, without)) if cached_field == field && !named(value) => without,
+            _ => self,
+        }
     }
 
     pub fn content_hash(&self) -> u64 {
@@ -439,6 +481,28 @@ pub fn evaluate_many(
     count(filter, event, &verdicts[first..]);
 }
 
+/// The context field `filter` shares verdicts over (its `share.field`) and the
+/// values of it `event` names, sorted; `None` when the filter declares no `share`, or
+/// its `share.named` fails (counted and logged as a failed call: nothing is shared).
+pub fn named(
+    filter: &LoadedFilter,
+    limits: FilterLimits,
+    event: &EventView<'_>,
+) -> Option<(String, Vec<String>)> {
+    let named = engine::with_engine(limits, |engine| engine.named(filter, event)).and_then(|r| r);
+    match named {
+        Ok(Some((field, mut values))) => {
+            values.sort_unstable();
+            Some((field, values))
+        }
+        Ok(None) => None,
+        Err(error) => {
+            count(filter, event, &[Err(error)]);
+            None
+        }
+    }
+}
+
 /// Counts a filter's verdicts and logs a failure at most once a second per filter.
 fn count(filter: &LoadedFilter, event: &EventView<'_>, verdicts: &[Result<bool, EvalError>]) {
     let stats = &filter.stats;
@@ -488,17 +552,26 @@ impl Hasher for IdentityHasher {
     }
 }
 
-type ByHash = HashMap<u64, (Context, bool), std::hash::BuildHasherDefault<IdentityHasher>>;
+/// A verdict known for a record, or the index of the pending judgement that makes it.
+#[derive(Debug, Clone, Copy)]
+enum Verdict {
+    Known(bool),
+    Pending(usize),
+}
+
+type ByHash = HashMap<u64, (Context, Verdict), std::hash::BuildHasherDefault<IdentityHasher>>;
 
 /// The verdicts of one filter for one record.
 struct FilterVerdicts {
     name: String,
     /// The filter, looked up once per record.
     filter: Option<Arc<LoadedFilter>>,
-    /// Context hash → the context evaluated and its verdict.
+    /// The filter's `share` field and the values of it the record names (sorted).
+    share: Option<(String, Vec<String>)>,
+    /// Context hash → the context judged and its verdict.
     by_hash: ByHash,
     /// Contexts whose hash another context already holds (rare).
-    collisions: Vec<(Context, bool)>,
+    collisions: Vec<(Context, Verdict)>,
 }
 
 /// Verdicts for one record across many subscriptions: subscriptions with the same
@@ -516,7 +589,7 @@ impl std::fmt::Debug for SharedVerdicts {
     }
 }
 
-/// A (filter, context) that [`SharedVerdicts::prepare`] is to judge.
+/// A (filter, context) that [`SharedVerdicts::judge`] is to evaluate.
 struct Pending<'c> {
     known: usize,
     hash: u64,
@@ -526,14 +599,32 @@ struct Pending<'c> {
     context: &'c Context,
 }
 
+impl FilterVerdicts {
+    /// The context judged for a subscription with `context`: itself, or the context
+    /// without the filter's `share` field when the record does not name its value.
+    fn judged<'c>(&self, context: &'c Context) -> &'c Context {
+        match &self.share {
+            None => context,
+            Some((field, names)) => context.shared_form(field, |value| {
+                names.binary_search_by(|n| n.as_str().cmp(value)).is_ok()
+            }),
+        }
+    }
+}
+
 impl SharedVerdicts {
-    fn known(&mut self, filters: &FilterSet, name: &str) -> usize {
+    fn known(&mut self, filters: &FilterSet, name: &str, event: &EventView<'_>) -> usize {
         match self.known.iter().position(|k| k.name == name) {
             Some(index) => index,
             None => {
+                let filter = filters.get(name);
+                let share = filter
+                    .as_ref()
+                    .and_then(|f| named(f, filters.limits(), event));
                 self.known.push(FilterVerdicts {
                     name: name.to_owned(),
-                    filter: filters.get(name),
+                    filter,
+                    share,
                     by_hash: ByHash::default(),
                     collisions: Vec::new(),
                 });
@@ -542,76 +633,100 @@ impl SharedVerdicts {
         }
     }
 
-    /// Judges every (filter, context) of `subscriptions` (filter name, context,
-    /// subscription id) not judged yet for `event`: the distinct contexts of each
-    /// filter go to Lua together, in one call. [`SharedVerdicts::allows`] then answers
-    /// for them without evaluating. Equal contexts are judged once, for the first
-    /// subscription that has them.
-    pub fn prepare<'c>(
+    /// Whether each of `subscriptions` (filter name, context, subscription id) may
+    /// receive `event`, in order. Subscriptions with the same filter and equal
+    /// contexts (or, under the filter's `share`, equal contexts without its field)
+    /// share one evaluation, made for the first of them; the distinct contexts of
+    /// each filter not judged yet for this record go to Lua together, in one call. A
+    /// filter that fails, or is no longer loaded, withholds the record.
+    pub fn judge<'c>(
         &mut self,
         filters: &FilterSet,
         event: &EventView<'_>,
         subscriptions: impl IntoIterator<Item = (&'c str, &'c Context, u64)>,
-    ) {
+    ) -> Vec<bool> {
         let mut pending: Vec<Pending<'c>> = Vec::new();
+        let mut tickets: Vec<Verdict> = Vec::new();
         for (name, context, subscription_id) in subscriptions {
-            let known = self.known(filters, name);
+            let known = self.known(filters, name, event);
             let verdicts = &mut self.known[known];
+            let context = verdicts.judged(context);
             let hash = context.content_hash();
-            let collision = match verdicts.by_hash.entry(hash) {
+            let mut pend = |collision| {
+                pending.push(Pending {
+                    known,
+                    hash,
+                    collision,
+                    subscription_id,
+                    context,
+                });
+                Verdict::Pending(pending.len() - 1)
+            };
+            let ticket = match verdicts.by_hash.entry(hash) {
                 std::collections::hash_map::Entry::Vacant(slot) => {
-                    slot.insert((context.clone(), false));
-                    None
+                    let ticket = pend(None);
+                    slot.insert((context.clone(), ticket));
+                    ticket
                 }
-                std::collections::hash_map::Entry::Occupied(seen) => {
-                    if seen.get().0 == *context
-                        || verdicts.collisions.iter().any(|(c, _)| c == context)
-                    {
-                        continue; // judged, or about to be
+                std::collections::hash_map::Entry::Occupied(seen) if seen.get().0 == *context => {
+                    seen.get().1
+                }
+                std::collections::hash_map::Entry::Occupied(_) => {
+                    match verdicts.collisions.iter().find(|(c, _)| c == context) {
+                        Some((_, verdict)) => *verdict,
+                        None => {
+                            let ticket = pend(Some(verdicts.collisions.len()));
+                            verdicts.collisions.push((context.clone(), ticket));
+                            ticket
+                        }
                     }
-                    verdicts.collisions.push((context.clone(), false));
-                    Some(verdicts.collisions.len() - 1)
                 }
             };
-            pending.push(Pending {
-                known,
-                hash,
-                collision,
-                subscription_id,
-                context,
-            });
+            tickets.push(ticket);
         }
-        if pending.is_empty() {
-            return;
-        }
-        pending.sort_by_key(|p| p.known);
-        let mut results = Vec::with_capacity(pending.len());
+        let mut decided = vec![false; pending.len()];
+        let mut order: Vec<usize> = (0..pending.len()).collect();
+        order.sort_by_key(|&i| pending[i].known);
+        let mut results = Vec::new();
         let mut batch = Vec::new();
-        for group in pending.chunk_by(|a, b| a.known == b.known) {
-            let verdicts = &mut self.known[group[0].known];
-            let Some(filter) = &verdicts.filter else {
-                continue; // not loaded: withheld (the verdicts stay false)
-            };
-            batch.clear();
-            batch.extend(group.iter().map(|p| (p.subscription_id, p.context)));
-            results.clear();
-            evaluate_many(filter, filters.limits(), event, &batch, &mut results);
-            for (p, result) in group.iter().zip(&results) {
-                let verdict = *result.as_ref().unwrap_or(&false);
-                match p.collision {
-                    Some(i) => verdicts.collisions[i].1 = verdict,
+        for group in order.chunk_by(|&a, &b| pending[a].known == pending[b].known) {
+            let verdicts = &mut self.known[pending[group[0]].known];
+            if let Some(filter) = &verdicts.filter {
+                batch.clear();
+                batch.extend(
+                    group
+                        .iter()
+                        .map(|&i| (pending[i].subscription_id, pending[i].context)),
+                );
+                results.clear();
+                evaluate_many(filter, filters.limits(), event, &batch, &mut results);
+                for (&i, result) in group.iter().zip(&results) {
+                    decided[i] = *result.as_ref().unwrap_or(&false);
+                }
+            } // else not loaded: withheld (false)
+            for &i in group {
+                let verdict = Verdict::Known(decided[i]);
+                match pending[i].collision {
+                    Some(c) => verdicts.collisions[c].1 = verdict,
                     None => {
-                        if let Some(slot) = verdicts.by_hash.get_mut(&p.hash) {
+                        if let Some(slot) = verdicts.by_hash.get_mut(&pending[i].hash) {
                             slot.1 = verdict;
                         }
                     }
                 }
             }
         }
+        tickets
+            .into_iter()
+            .map(|ticket| match ticket {
+                Verdict::Known(verdict) => verdict,
+                Verdict::Pending(i) => decided[i],
+            })
+            .collect()
     }
 
-    /// Whether a subscription with filter `name` and `context` may receive `event`. A
-    /// filter that fails, or is no longer loaded, withholds the record.
+    /// Whether a subscription with filter `name` and `context` may receive `event`
+    /// (see [`SharedVerdicts::judge`]).
     pub fn allows(
         &mut self,
         filters: &FilterSet,
@@ -620,33 +735,7 @@ impl SharedVerdicts {
         subscription_id: u64,
         event: &EventView<'_>,
     ) -> bool {
-        let index = self.known(filters, name);
-        let known = &mut self.known[index];
-        let hash = context.content_hash();
-        match known.by_hash.get(&hash) {
-            Some((seen, verdict)) if seen == context => return *verdict,
-            Some(_) => {
-                if let Some((_, verdict)) = known.collisions.iter().find(|(c, _)| c == context) {
-                    return *verdict;
-                }
-            }
-            None => {}
-        }
-        let verdict = match &known.filter {
-            Some(filter) => {
-                evaluate(filter, filters.limits(), event, subscription_id, context).unwrap_or(false)
-            }
-            None => false,
-        };
-        match known.by_hash.entry(hash) {
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert((context.clone(), verdict));
-            }
-            std::collections::hash_map::Entry::Occupied(_) => {
-                known.collisions.push((context.clone(), verdict))
-            }
-        }
-        verdict
+        self.judge(filters, event, [(name, context, subscription_id)])[0]
     }
 }
 
@@ -1082,7 +1171,7 @@ mod tests {
         let headers = Vec::new();
         let view = event(&headers, b"");
         let mut verdicts = SharedVerdicts::default();
-        verdicts.prepare(
+        let judged = verdicts.judge(
             &set,
             &view,
             contexts
@@ -1091,8 +1180,11 @@ mod tests {
                 .map(|(i, c)| ("count", c, i as u64))
                 .chain([("missing", &contexts[0], 99)]),
         );
+        let expected: Vec<bool> = roles.iter().map(|r| *r == "mod").chain([false]).collect();
+        assert_eq!(judged, expected);
         let stats = &set.get("count").unwrap().stats;
         assert_eq!(stats.evaluations.load(Ordering::Relaxed), 3);
+        // Later questions about the same record are answered without evaluating.
         for (i, context) in contexts.iter().enumerate() {
             assert_eq!(
                 verdicts.allows(&set, "count", context, i as u64, &view),

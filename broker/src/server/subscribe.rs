@@ -633,10 +633,10 @@ impl SubscriberStream {
         let mut delivery = convert::live_delivery(batch, item.index as usize);
         let mut live_ids = Vec::with_capacity(item.subscribers.len());
         let mut verdicts = Verdicts::default();
-        // The filtered subscriptions' verdicts, judged together (one call into Lua
-        // per filter), before the record is handed out.
+        // The filtered subscriptions' verdicts, in order, judged together (one call
+        // into Lua per filter) before the record is handed out.
         let subscriptions = &self.subscriptions;
-        verdicts.prepare(
+        let allowed = verdicts.judge(
             &self.limits.filters,
             &delivery,
             item.subscribers.iter().filter_map(|&(id, generation)| {
@@ -649,6 +649,7 @@ impl SubscriberStream {
                 ))
             }),
         );
+        let mut allowed = allowed.into_iter();
         for &(id, generation) in item.subscribers.iter() {
             let Some(subscription) = self.subscriptions.get(&id) else {
                 continue;
@@ -656,7 +657,7 @@ impl SubscriberStream {
             if subscription.generation != generation {
                 continue;
             }
-            if !verdicts.allows(&self.limits.filters, subscription, id, &delivery) {
+            if subscription.filter.is_some() && !allowed.next().unwrap_or(false) {
                 continue;
             }
             let subscription = self.subscriptions.get_mut(&id).expect("looked up above");
@@ -789,20 +790,20 @@ impl Verdicts {
         }
     }
 
-    /// Judges the filtered `subscriptions` (filter, context, id) of `delivery`
-    /// together; `allows` then answers for them.
-    fn prepare<'c>(
+    /// Whether each of the filtered `subscriptions` (filter, context, id) may
+    /// receive `delivery`, in order, judged together.
+    fn judge<'c>(
         &mut self,
         filters: &FilterSet,
         delivery: &pb::Delivery,
         subscriptions: impl Iterator<Item = (&'c str, &'c Context, u64)>,
-    ) {
+    ) -> Vec<bool> {
         let mut subscriptions = subscriptions.peekable();
         if subscriptions.peek().is_none() {
-            return;
+            return Vec::new();
         }
         let event = Self::event(&mut self.headers, delivery);
-        self.shared.prepare(filters, &event, subscriptions);
+        self.shared.judge(filters, &event, subscriptions)
     }
 
     /// Whether `subscription` (id `id`) may receive `delivery`.
