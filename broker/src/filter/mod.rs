@@ -614,6 +614,13 @@ impl FilterVerdicts {
 
 impl SharedVerdicts {
     fn known(&mut self, filters: &FilterSet, name: &str, event: &EventView<'_>) -> usize {
+        // Most records meet one filter: try the last one first.
+        if let Some(last) = self.known.last()
+            && last.name.len() == name.len()
+            && last.name == name
+        {
+            return self.known.len() - 1;
+        }
         match self.known.iter().position(|k| k.name == name) {
             Some(index) => index,
             None => {

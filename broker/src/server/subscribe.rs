@@ -13,6 +13,7 @@
 //! dropped.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -170,7 +171,7 @@ struct SubscriberStream {
     hub: Arc<SubscriptionHub>,
     sink: Arc<StreamSink>,
     limits: StreamLimits,
-    subscriptions: HashMap<u64, Subscription>,
+    subscriptions: HashMap<u64, Subscription, BuildHasherDefault<IdHasher>>,
     next_generation: u64,
     replay_tx: mpsc::Sender<ReplayEvent>,
     out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
@@ -224,7 +225,7 @@ pub async fn serve(
         hub,
         sink,
         limits,
-        subscriptions: HashMap::new(),
+        subscriptions: HashMap::default(),
         next_generation: 1,
         replay_tx,
         out,
@@ -739,6 +740,30 @@ impl SubscriberStream {
                 self.send(ended(id, &error)).await
             }
         }
+    }
+}
+
+/// Hashes a stream's subscription ids (looked up per subscription per record; SipHash
+/// was a visible share of fan-out). Ids are the client's own choice and the map is
+/// the stream's own, so a client choosing colliding ids slows only its own stream.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0 ^ value)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(26);
     }
 }
 
