@@ -36,15 +36,10 @@ local function parse_pairs(text)
   return map
 end
 
--- Ids are compared as integers where they are numbers (Discord's are), else as text.
-local function id_of(text)
-  return tointeger(tonumber(text)) or text
-end
-
 local function parse_overwrites(text)
   local map = {}
   for id, allow, deny in gmatch(text or "", "([^:,]+):(%d+):(%d+)") do
-    map[id_of(id)] = { allow = tointeger(tonumber(allow)) or 0, deny = tointeger(tonumber(deny)) or 0 }
+    map[id] = { allow = tointeger(tonumber(allow)) or 0, deny = tointeger(tonumber(deny)) or 0 }
   end
   return map
 end
@@ -52,9 +47,12 @@ end
 -- Members whose verdict can differ only by their own overwrite share a "shape":
 -- the guild, the base permissions and the role list. Shapes are numbered (numbers
 -- are cheaper keys than strings); a number is never reused for another shape.
+-- Ids are compared as the exact text given (as `named` reports them).
 local shapes, shape_count, next_shape = {}, 0, 1
 local function shape_of(guild, base, roles_text, sees_all)
-  local key = guild .. "|" .. base .. "|" .. roles_text .. (sees_all and "|all" or "")
+  -- Length-prefixed, so no two shapes have the same key whatever the ids hold.
+  local key = #guild .. ":" .. guild .. #roles_text .. ":" .. roles_text .. base
+    .. (sees_all and "A" or "N")
   local shape = shapes[key]
   if shape == nil then
     if shape_count >= 100000 then
@@ -75,7 +73,7 @@ local function member_of(subscription)
   local role_permissions = parse_pairs(context.role_permissions)
   local roles = {}
   for role in gmatch(context.roles or "", "[^,]+") do
-    roles[#roles + 1] = id_of(role)
+    roles[#roles + 1] = role
   end
   local guild = context.guild_id or ""
   local base = role_permissions[guild] or 0
@@ -83,11 +81,11 @@ local function member_of(subscription)
     base = base | (role_permissions[role] or 0)
   end
   local sees_all = context.owner == "true" or base & ADMINISTRATOR ~= 0
-  context._guild = id_of(guild)
+  context._guild = guild
   context._roles = roles
   context._base = base
   context._sees_all = sees_all
-  context._user = id_of(context.user_id or "")
+  context._user = context.user_id or ""
   local shape = shape_of(guild, base, context.roles or "", sees_all)
   subscription._shape = shape
   subscription._user = context._user

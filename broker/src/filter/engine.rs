@@ -21,12 +21,77 @@ const MAX_JSON_DEPTH: usize = 64;
 /// budget does not see).
 const MAX_CALL_TIME: Duration = Duration::from_millis(250);
 
+/// The loops that judge a batch of subscriptions, run once per state in a chunk of
+/// their own (`=judge`: the only code the hook lets finish past a budget, since it
+/// ends each call itself). Given the state table and the real `pcall`.
+const JUDGE: &str = r#"
+local state, real_pcall = ...
+-- Judges subscriptions list[1..n] (indices into `slots`, the subscription tables)
+-- on one event: verdict i is bit (i - 1) % 64 of out[(i - 1) // 64 + 1].
+-- `state.current` says which call runs (the hook starts a new budget when it
+-- changes). The fast way calls the filter unprotected: it returns 0 when every
+-- call returned a boolean, or the index of one that did not; a call that raises an
+-- error ends it. The careful way then takes over from the start of that word of
+-- verdicts, with each call protected on its own (why one failed goes to
+-- errors[i]), so one failing subscription withholds only its own delivery; it
+-- returns the number of failures.
+local function judge_fast(f, event, slots, list, n, out)
+  local word, bits, bit = 1, 0, 1
+  for i = 1, n do
+    state.current = i
+    state.exhausted = false
+    local verdict = f(event, slots[list[i]])
+    if verdict == true then
+      bits = bits | bit
+    elseif verdict ~= false then
+      return i
+    end
+    bit = bit << 1
+    if bit == 0 then
+      out[word] = bits
+      word, bits, bit = word + 1, 0, 1
+    end
+  end
+  if bit ~= 1 then
+    out[word] = bits
+  end
+  return 0
+end
+local function judge_careful(f, event, slots, list, n, out, errors, from)
+  local failed, word, bits, bit = 0, (from - 1) // 64 + 1, 0, 1
+  for i = from, n do
+    state.current = i
+    state.exhausted = false
+    local ok, verdict = real_pcall(f, event, slots[list[i]])
+    if ok and verdict == true then
+      bits = bits | bit
+    elseif not ok then
+      failed = failed + 1
+      errors[i] = verdict == nil and "the filter raised nil" or verdict
+    elseif verdict ~= false then
+      failed = failed + 1
+      errors[i] = "the filter returned " .. type(verdict) .. ", not a boolean"
+    end
+    bit = bit << 1
+    if bit == 0 then
+      out[word] = bits
+      word, bits, bit = word + 1, 0, 1
+    end
+  end
+  if bit ~= 1 then
+    out[word] = bits
+  end
+  return failed
+end
+return judge_fast, judge_careful
+"#;
+
 /// Lua run once per state. It is given the state table the hook shares with it
 /// (`state.exhausted`: the running call has used up its budget; `state.current`: the
 /// subscription of a batch being judged). It removes what could load code or escape
 /// the budget, bounds the C functions whose time the instruction hook cannot see,
 /// makes the libraries read-only, and returns the base environment filters' globals
-/// fall back to and the function that judges a batch of subscriptions.
+/// fall back to.
 const PRELUDE: &str = r#"
 local state = ...
 local real_pcall, real_xpcall, real_setmetatable = pcall, xpcall, setmetatable
@@ -102,63 +167,7 @@ local base = {
 local environment = readonly(base, "the base environment")
 base._G = environment
 
--- Judges subscriptions list[1..n] (indices into `slots`, the subscription tables)
--- on one event: verdict i is bit (i - 1) % 64 of out[(i - 1) // 64 + 1].
--- `state.current` says which call runs (the hook starts a new budget when it
--- changes). The fast way calls the filter unprotected: it returns 0 when every
--- call returned a boolean, or the index of one that did not; a call that raises an
--- error ends it. The careful way then takes over from the start of that word of
--- verdicts, with each call protected on its own (why one failed goes to
--- errors[i]), so one failing subscription withholds only its own delivery; it
--- returns the number of failures.
-local function judge_fast(f, event, slots, list, n, out)
-  local word, bits, bit = 1, 0, 1
-  for i = 1, n do
-    state.current = i
-    local verdict = f(event, slots[list[i]])
-    if verdict == true then
-      bits = bits | bit
-    elseif verdict ~= false then
-      return i
-    end
-    bit = bit << 1
-    if bit == 0 then
-      out[word] = bits
-      word, bits, bit = word + 1, 0, 1
-    end
-  end
-  if bit ~= 1 then
-    out[word] = bits
-  end
-  return 0
-end
-local function judge_careful(f, event, slots, list, n, out, errors, from)
-  local failed, word, bits, bit = 0, (from - 1) // 64 + 1, 0, 1
-  for i = from, n do
-    state.current = i
-    state.exhausted = false
-    local ok, verdict = real_pcall(f, event, slots[list[i]])
-    if ok and verdict == true then
-      bits = bits | bit
-    elseif not ok then
-      failed = failed + 1
-      errors[i] = verdict
-    elseif verdict ~= false then
-      failed = failed + 1
-      errors[i] = "the filter returned " .. type(verdict) .. ", not a boolean"
-    end
-    bit = bit << 1
-    if bit == 0 then
-      out[word] = bits
-      word, bits, bit = word + 1, 0, 1
-    end
-  end
-  if bit ~= 1 then
-    out[word] = bits
-  end
-  return failed
-end
-return environment, judge_fast, judge_careful
+return environment
 "#;
 
 /// A filter compiled in this thread's state, or why it would not compile (so a
@@ -299,7 +308,13 @@ impl Engine {
         let started = Rc::new(Cell::new(Instant::now()));
         let state = lua.create_table()?;
         state.raw_set("exhausted", false)?;
-        let (base, judge_fast, judge_careful): (Table, Function, Function) = lua
+        let real_pcall: Function = lua.globals().raw_get("pcall")?;
+        let (judge_fast, judge_careful): (Function, Function) = lua
+            .load(JUDGE)
+            .set_name("=judge")
+            .set_mode(ChunkMode::Text)
+            .call((state.clone(), real_pcall))?;
+        let base: Table = lua
             .load(PRELUDE)
             .set_name("=prelude")
             .set_mode(ChunkMode::Text)
@@ -325,10 +340,9 @@ impl Engine {
                 let exhausted = shared.raw_get::<bool>("exhausted").unwrap_or(true);
                 if remaining == 0 || exhausted || since.get().elapsed() > MAX_CALL_TIME {
                     shared.raw_set("exhausted", true)?;
-                    // The prelude's own functions are short and end the failed call
-                    // themselves (`guard`); `judge`, between two calls, must not
-                    // fail the rest of its batch.
-                    if debug.source().source.as_deref() == Some("=prelude") {
+                    // `judge`, between two calls, must not fail the rest of its
+                    // batch; it starts the next call with a new budget itself.
+                    if debug.source().source.as_deref() == Some("=judge") {
                         return Ok(VmState::Continue);
                     }
                     return Err(mlua::Error::runtime("instruction budget exhausted"));
@@ -476,6 +490,13 @@ impl Engine {
             match names {
                 Value::Nil => {}
                 Value::Table(names) => {
+                    // A list with a gap would lose the values after it.
+                    let entries = names.pairs::<Value, Value>().count();
+                    if entries != names.raw_len() {
+                        return Err(mlua::Error::runtime(
+                            "share.named must return a list (keys 1..n, no gaps)",
+                        ));
+                    }
                     for name in names.sequence_values::<Value>() {
                         match name? {
                             Value::String(name) => values.push(name.to_string_lossy()),
@@ -572,9 +593,6 @@ impl Engine {
             }
             return Ok(slot.index);
         }
-        if self.contexts.len() >= MAX_CACHED_CONTEXTS {
-            self.drop_contexts();
-        }
         let values = self
             .lua
             .create_table_with_capacity(0, context.values().len())?;
@@ -648,6 +666,11 @@ impl Engine {
         subscriptions: &[(u64, &Context)],
         verdicts: &mut Vec<Result<bool, EvalError>>,
     ) -> mlua::Result<()> {
+        // A full cache is emptied before a batch, never during one (the slots of the
+        // batch's list must stay where they are until it is judged).
+        if self.contexts.len() + subscriptions.len() > MAX_CACHED_CONTEXTS {
+            self.drop_contexts();
+        }
         self.set_event(event, version)?;
         let mut list = std::mem::take(&mut self.list);
         list.clear();
@@ -681,6 +704,8 @@ impl Engine {
             let current: i64 = self.state.raw_get("current")?;
             let from = (current.max(1) - 1) / 64 * 64 + 1;
             self.arm()?;
+            // Nothing left from a careful run that itself failed.
+            self.errors = self.lua.create_table()?;
             self.judge_careful.call::<usize>((
                 function,
                 &self.event,

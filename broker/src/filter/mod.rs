@@ -497,7 +497,8 @@ pub fn named(
         }
         Ok(None) => None,
         Err(error) => {
-            count(filter, event, &[Err(error)]);
+            filter.stats.errors.fetch_add(1, Ordering::Relaxed);
+            log_failure(filter, event, &error);
             None
         }
     }
@@ -518,6 +519,12 @@ fn count(filter: &LoadedFilter, event: &EventView<'_>, verdicts: &[Result<bool, 
     stats
         .errors
         .fetch_add(1 + errors.count() as u64, Ordering::Relaxed);
+    log_failure(filter, event, error);
+}
+
+/// Logs a filter's failure, at most once a second per filter.
+fn log_failure(filter: &LoadedFilter, event: &EventView<'_>, error: &EvalError) {
+    let stats = &filter.stats;
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -871,6 +878,11 @@ mod tests {
                 "budget",
             ),
             (
+                "find_loop",
+                "return function() while true do ('a'):find('a', 1, true) end end",
+                "budget",
+            ),
+            (
                 "global_g",
                 "return function() _G.string = nil return true end",
                 "read-only",
@@ -1067,6 +1079,7 @@ mod tests {
                  if mode == "error" then error("boom " .. sub.id) end
                  if mode == "loop" then while true do end end
                  if mode == "number" then return 42 end
+                 if mode == "nil_error" then error(nil) end
                  if mode == "memory" then
                    local t = {} for i = 1, 1000 do t[i] = string.rep('x', 1048576) .. i end
                  end
@@ -1082,6 +1095,7 @@ mod tests {
             (70, "error"),
             (71, "memory"),
             (127, "loop"),
+            (130, "nil_error"),
             (199, "error"),
         ];
         let contexts: Vec<Context> = (0..200)
@@ -1123,6 +1137,7 @@ mod tests {
                             "error" => format!("boom {i}"),
                             "loop" => "budget".to_owned(),
                             "number" => "returned number, not a boolean".to_owned(),
+                            "nil_error" => "raised nil".to_owned(),
                             _ => "memory limit".to_owned(),
                         };
                         match verdict {
@@ -1200,6 +1215,67 @@ mod tests {
         }
         assert!(!verdicts.allows(&set, "missing", &contexts[0], 99, &view));
         assert_eq!(stats.evaluations.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_full_context_cache_is_emptied_between_batches_not_during_one() {
+        let set = set_with(
+            "parity",
+            "return function(e, sub) return tonumber(sub.context.n) % 2 == 0 end",
+        );
+        let filter = set.get("parity").unwrap();
+        let headers = Vec::new();
+        // 15,000 contexts, then 10,000 others: more than the 20,000 a thread keeps.
+        for range in [0..15_000u64, 15_000..25_000] {
+            let contexts: Vec<Context> = range
+                .clone()
+                .map(|n| Context::new([("n".to_owned(), n.to_string())]))
+                .collect();
+            let subscriptions: Vec<(u64, &Context)> = range.clone().zip(contexts.iter()).collect();
+            let mut verdicts = Vec::new();
+            evaluate_many(
+                &filter,
+                LIMITS,
+                &event(&headers, b""),
+                &subscriptions,
+                &mut verdicts,
+            );
+            for (n, verdict) in range.zip(&verdicts) {
+                assert_eq!(verdict, &Ok(n % 2 == 0), "context {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_named_list_with_a_gap_shares_nothing() {
+        let set = set_with(
+            "gap",
+            r#"return {
+                 filter = function(e, sub) return sub.context.user ~= "3" end,
+                 share = { field = "user", named = function() return { [1] = "1", [3] = "3" } end },
+               }"#,
+        );
+        let contexts: Vec<Context> = (1..=4)
+            .map(|u| {
+                Context::new([
+                    ("role".to_owned(), "a".to_owned()),
+                    ("user".to_owned(), u.to_string()),
+                ])
+            })
+            .collect();
+        let headers = Vec::new();
+        let judged = SharedVerdicts::default().judge(
+            &set,
+            &event(&headers, b""),
+            contexts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ("gap", c, i as u64)),
+        );
+        assert_eq!(judged, vec![true, true, false, true]);
+        let stats = &set.get("gap").unwrap().stats;
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.evaluations.load(Ordering::Relaxed), 4);
     }
 
     #[test]
