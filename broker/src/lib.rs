@@ -10,5 +10,6 @@
 //! The on-disk format is documented in `docs/storage-format.md`.
 
 pub mod filter;
+pub mod hash;
 pub mod server;
 pub mod storage;

@@ -193,27 +193,7 @@ struct Slot {
     id: u64,
 }
 
-/// Hashes a (filter version, context id) pair (both small unique counters).
-#[derive(Default)]
-struct PairHasher(u64);
-
-impl std::hash::Hasher for PairHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = (self.0.rotate_left(29) ^ value).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type SlotMap = HashMap<(u64, u64), Slot, std::hash::BuildHasherDefault<PairHasher>>;
+type SlotMap = HashMap<(u64, u64), Slot, crate::hash::BuildIntHasher>;
 
 /// This thread's Lua state and what it caches.
 pub struct Engine {

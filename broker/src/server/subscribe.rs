@@ -13,7 +13,6 @@
 //! dropped.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -171,7 +170,8 @@ struct SubscriberStream {
     hub: Arc<SubscriptionHub>,
     sink: Arc<StreamSink>,
     limits: StreamLimits,
-    subscriptions: HashMap<u64, Subscription, BuildHasherDefault<IdHasher>>,
+    /// Keyed by the client's own ids (a fast hash: colliding ids slow only this stream).
+    subscriptions: HashMap<u64, Subscription, crate::hash::BuildIntHasher>,
     next_generation: u64,
     replay_tx: mpsc::Sender<ReplayEvent>,
     out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
@@ -740,30 +740,6 @@ impl SubscriberStream {
                 self.send(ended(id, &error)).await
             }
         }
-    }
-}
-
-/// Hashes a stream's subscription ids (looked up per subscription per record; SipHash
-/// was a visible share of fan-out). Ids are the client's own choice and the map is
-/// the stream's own, so a client choosing colliding ids slows only its own stream.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = (self.0 ^ value)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(26);
     }
 }
 
