@@ -35,6 +35,8 @@ local state, real_pcall = ...
 -- verdicts, with each call protected on its own (why one failed goes to
 -- errors[i]), so one failing subscription withholds only its own delivery; it
 -- returns the number of failures.
+-- (The two loops repeat their bit packing on purpose: a shared helper would be a
+-- Lua call per subscription in the fast loop.)
 local function judge_fast(f, event, slots, list, n, out)
   local word, bits, bit = 1, 0, 1
   for i = 1, n do
