@@ -9,6 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=switchyard/v1/broker.proto");
     tonic_prost_build::configure()
         .bytes(".switchyard.v1")
+        // Written by hand (src/batch.rs): the broker encodes deliveries itself.
+        .extern_path(
+            ".switchyard.v1.DeliveryBatch",
+            "crate::batch::DeliveryBatch",
+        )
         .compile_protos(&["switchyard/v1/broker.proto"], &["."])?;
     Ok(())
 }

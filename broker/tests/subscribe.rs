@@ -95,14 +95,16 @@ async fn live_records_arrive_in_order_once_per_stream_with_every_matching_id() {
 #[tokio::test]
 async fn one_published_batch_for_many_subscriptions_goes_out_in_bounded_responses() {
     // 3,000 subscriptions to one topic on one stream, plus one to another topic:
-    // each delivery of guild.1 names 3,000 ids (24 KB), so one published batch of
-    // 400 records makes ~10 MB of deliveries, more than a client accepts in one
-    // message (4 MiB by default). They must come in several responses, in order.
+    // each delivery of guild.1 names 3,000 ids (8-byte varints: 24 KB), so one
+    // published batch of 400 records makes ~7 MB of deliveries, more than a client
+    // accepts in one message (4 MiB by default). They must come in several
+    // responses, in order.
+    const BIG: u64 = 1 << 50;
     let broker = Broker::start().await;
     let mut client = broker.client().await;
     let mut subscriber = Subscriber::open(&mut client).await;
     for id in 1..=3000 {
-        subscriber.add(id, "guild.1", latest()).await;
+        subscriber.add(BIG + id, "guild.1", latest()).await;
     }
     subscriber.add(9000, "user.9", latest()).await;
     for _ in 0..3001 {
@@ -140,6 +142,7 @@ async fn one_published_batch_for_many_subscriptions_goes_out_in_bounded_response
     for (i, delivery) in guild.iter().enumerate() {
         assert_eq!(delivery.offset, i as u64);
         assert_eq!(delivery.subscription_ids.len(), 3000);
+        assert!(delivery.subscription_ids.iter().all(|id| *id > BIG));
     }
     for (i, delivery) in user.iter().enumerate() {
         assert_eq!(delivery.offset, i as u64);

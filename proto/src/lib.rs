@@ -15,6 +15,9 @@ pub mod v1 {
 
 pub use v1::*;
 
+mod batch;
+pub use batch::{DeliveryBatch, DeliveryFields, DeliveryWriter};
+
 #[cfg(test)]
 mod tests {
     use super::*;

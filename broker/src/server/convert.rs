@@ -1,6 +1,7 @@
 //! Conversions between the wire types (`switchyard_proto`) and the storage types.
 //! `pb::` types go no further into the broker than this file.
 
+use bytes::Bytes;
 use switchyard_proto as pb;
 
 use crate::server::hub::LiveBatch;
@@ -60,25 +61,100 @@ pub fn delivery(record: Record, subscription_ids: Vec<u64>) -> pb::Delivery {
     }
 }
 
-/// Record `index` of a live batch, for no subscription yet.
-pub fn live_delivery(batch: &LiveBatch, index: usize) -> pb::Delivery {
-    let record = &batch.records[index];
-    let position = batch.positions[index];
-    pb::Delivery {
-        topic: record.topic.clone(),
-        offset: position.offset,
-        epoch: position.epoch,
-        timestamp_ms: batch.timestamp_ms,
-        headers: record
-            .headers
-            .iter()
-            .map(|h| pb::Header {
-                key: h.key.clone(),
-                value: h.value.clone(),
-            })
-            .collect(),
-        payload: record.payload.clone(),
-        subscription_ids: Vec::new(),
+/// A record as filters and the delivery writer read it, wherever it is held: in a
+/// live batch (storage types) or in a delivery read back from the log (wire types).
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub topic: &'a str,
+    pub offset: u64,
+    pub epoch: u64,
+    pub timestamp_ms: u64,
+    pub headers: HeaderIter<'a>,
+    pub payload: &'a Bytes,
+}
+
+/// A record's headers as `(key, value)` pairs.
+#[derive(Debug, Clone, Copy)]
+pub enum HeaderIter<'a> {
+    Stored(&'a [Header]),
+    Wire(&'a [pb::Header]),
+}
+
+impl<'a> Iterator for HeaderIter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            HeaderIter::Stored(headers) => {
+                let (first, rest) = headers.split_first()?;
+                *headers = rest;
+                Some((&first.key, &first.value))
+            }
+            HeaderIter::Wire(headers) => {
+                let (first, rest) = headers.split_first()?;
+                *headers = rest;
+                Some((&first.key, &first.value))
+            }
+        }
+    }
+}
+
+impl<'a> RecordView<'a> {
+    /// Record `index` of a live batch.
+    pub fn live(batch: &'a LiveBatch, index: usize) -> RecordView<'a> {
+        let record = &batch.records[index];
+        let position = batch.positions[index];
+        RecordView {
+            topic: &record.topic,
+            offset: position.offset,
+            epoch: position.epoch,
+            timestamp_ms: batch.timestamp_ms,
+            headers: HeaderIter::Stored(&record.headers),
+            payload: &record.payload,
+        }
+    }
+
+    pub fn of(delivery: &'a pb::Delivery) -> RecordView<'a> {
+        RecordView {
+            topic: &delivery.topic,
+            offset: delivery.offset,
+            epoch: delivery.epoch,
+            timestamp_ms: delivery.timestamp_ms,
+            headers: HeaderIter::Wire(&delivery.headers),
+            payload: &delivery.payload,
+        }
+    }
+
+    /// The record as a delivery to `subscription_ids`, for the delivery writer.
+    pub fn fields(self, subscription_ids: &'a [u64]) -> pb::DeliveryFields<'a, HeaderIter<'a>> {
+        pb::DeliveryFields {
+            topic: self.topic,
+            offset: self.offset,
+            epoch: self.epoch,
+            timestamp_ms: self.timestamp_ms,
+            headers: self.headers,
+            payload: self.payload,
+            subscription_ids,
+        }
+    }
+
+    /// The record as a delivery to `subscription_ids`, owned (to be held back).
+    pub fn to_delivery(self, subscription_ids: Vec<u64>) -> pb::Delivery {
+        pb::Delivery {
+            topic: self.topic.to_owned(),
+            offset: self.offset,
+            epoch: self.epoch,
+            timestamp_ms: self.timestamp_ms,
+            headers: self
+                .headers
+                .map(|(key, value)| pb::Header {
+                    key: key.to_owned(),
+                    value: value.to_owned(),
+                })
+                .collect(),
+            payload: self.payload.clone(),
+            subscription_ids,
+        }
     }
 }
 

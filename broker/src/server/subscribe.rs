@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tonic::{Code, Status, Streaming};
 
 use crate::filter::{Context, EventView, FilterSet, SharedVerdicts};
-use crate::server::convert;
+use crate::server::convert::{self, RecordView};
 use crate::server::hub::{
     LiveBatch, LiveEvent, LiveItem, StreamSink, SubscriptionHub, record_bytes,
 };
@@ -176,9 +176,9 @@ struct SubscriberStream {
     replay_tx: mpsc::Sender<ReplayEvent>,
     out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
     stopping: watch::Receiver<bool>,
-    /// Deliveries gathered for the next response, and the hub bytes they release.
-    batch: Vec<pb::Delivery>,
-    batch_bytes: usize,
+    /// Deliveries gathered for the next response, written in their wire form, and
+    /// the hub bytes they release.
+    batch: pb::DeliveryWriter,
     released: usize,
 }
 
@@ -230,8 +230,7 @@ pub async fn serve(
         replay_tx,
         out,
         stopping: stopping.clone(),
-        batch: Vec::new(),
-        batch_bytes: 0,
+        batch: pb::DeliveryWriter::new(),
         released: 0,
     };
     let mut stop = stopping;
@@ -336,28 +335,20 @@ impl SubscriberStream {
     }
 
     fn batch_full(&self) -> bool {
-        self.batch.len() >= MAX_BATCH_DELIVERIES || self.batch_bytes >= MAX_BATCH_BYTES
+        self.batch.len() >= MAX_BATCH_DELIVERIES || self.batch.encoded_len() >= MAX_BATCH_BYTES
     }
 
     /// Sends the gathered deliveries as one response.
     async fn flush(&mut self) -> Result<(), End> {
         if !self.batch.is_empty() {
-            let deliveries = std::mem::take(&mut self.batch);
-            self.batch_bytes = 0;
+            let deliveries = self.batch.finish();
             self.send(pb::SubscribeResponse {
-                event: Some(pb::subscribe_response::Event::Deliveries(
-                    pb::DeliveryBatch { deliveries },
-                )),
+                event: Some(pb::subscribe_response::Event::Deliveries(deliveries)),
             })
             .await?;
         }
         self.sink.release(std::mem::take(&mut self.released));
         Ok(())
-    }
-
-    fn push(&mut self, delivery: pb::Delivery, bytes: usize) {
-        self.batch_bytes += bytes;
-        self.batch.push(delivery);
     }
 
     /// Forgets subscription `id`: unfollows it, stops its replay, releases what it
@@ -631,7 +622,7 @@ impl SubscriberStream {
     }
 
     fn live_record(&mut self, batch: &LiveBatch, item: &LiveItem) -> Result<(), End> {
-        let mut delivery = convert::live_delivery(batch, item.index as usize);
+        let record = RecordView::live(batch, item.index as usize);
         let mut live_ids = Vec::with_capacity(item.subscribers.len());
         let mut verdicts = Verdicts::default();
         // The filtered subscriptions' verdicts, in order, judged together (one call
@@ -639,7 +630,7 @@ impl SubscriberStream {
         let subscriptions = &self.subscriptions;
         let allowed = verdicts.judge(
             &self.limits.filters,
-            &delivery,
+            record,
             item.subscribers.iter().filter_map(|&(id, generation)| {
                 let subscription = subscriptions.get(&id)?;
                 let filter = subscription.filter.as_deref()?;
@@ -664,8 +655,7 @@ impl SubscriberStream {
             let subscription = self.subscriptions.get_mut(&id).expect("looked up above");
             match &mut subscription.replaying {
                 Some(Replay { held, .. }) => {
-                    let mut copy = delivery.clone();
-                    copy.subscription_ids = vec![id];
+                    let copy = record.to_delivery(vec![id]);
                     let copy_bytes = delivery_bytes(&copy);
                     if !self.sink.hold(copy_bytes) {
                         self.sink.cut(copy_bytes, self.hub.stats());
@@ -677,9 +667,7 @@ impl SubscriberStream {
             }
         }
         if !live_ids.is_empty() {
-            delivery.subscription_ids = live_ids;
-            let bytes = delivery_bytes(&delivery);
-            self.push(delivery, bytes);
+            self.batch.push(record.fields(&live_ids));
         }
         Ok(())
     }
@@ -708,16 +696,15 @@ impl SubscriberStream {
                                 &self.limits.filters,
                                 subscription,
                                 id,
-                                delivery,
+                                RecordView::of(delivery),
                             )
                         })
                         .collect()
                 } else {
                     records
                 };
-                for delivery in allowed {
-                    let bytes = delivery_bytes(&delivery);
-                    self.push(delivery, bytes);
+                for delivery in &allowed {
+                    self.batch.push_delivery(delivery);
                 }
                 Ok(())
             }
@@ -726,7 +713,7 @@ impl SubscriberStream {
                 if let Some(Replay { held, .. }) = subscription.replaying.take() {
                     for (delivery, bytes) in held {
                         self.released += bytes;
-                        self.push(delivery, bytes);
+                        self.batch.push_delivery(&delivery);
                         if self.batch_full() {
                             self.flush().await?;
                         }
@@ -768,57 +755,56 @@ struct Verdicts {
 }
 
 impl Verdicts {
-    /// `delivery` as the filter API sees it.
+    /// `record` as the filter API sees it.
     fn event<'a>(
         headers: &'a mut Option<(Vec<(String, String)>, u64)>,
-        delivery: &'a pb::Delivery,
+        record: RecordView<'a>,
     ) -> EventView<'a> {
         let (headers, key) = headers.get_or_insert_with(|| {
-            let headers = delivery
+            let headers = record
                 .headers
-                .iter()
-                .map(|h| (h.key.clone(), h.value.clone()))
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
                 .collect();
             (headers, EventView::new_key())
         });
         EventView {
             key: *key,
-            topic: &delivery.topic,
-            offset: delivery.offset,
-            timestamp_ms: delivery.timestamp_ms,
+            topic: record.topic,
+            offset: record.offset,
+            timestamp_ms: record.timestamp_ms,
             headers,
-            payload: &delivery.payload,
+            payload: record.payload,
         }
     }
 
     /// Whether each of the filtered `subscriptions` (filter, context, id) may
-    /// receive `delivery`, in order, judged together.
+    /// receive `record`, in order, judged together.
     fn judge<'c>(
         &mut self,
         filters: &FilterSet,
-        delivery: &pb::Delivery,
+        record: RecordView<'_>,
         subscriptions: impl Iterator<Item = (&'c str, &'c Context, u64)>,
     ) -> Vec<bool> {
         let mut subscriptions = subscriptions.peekable();
         if subscriptions.peek().is_none() {
             return Vec::new();
         }
-        let event = Self::event(&mut self.headers, delivery);
+        let event = Self::event(&mut self.headers, record);
         self.shared.judge(filters, &event, subscriptions)
     }
 
-    /// Whether `subscription` (id `id`) may receive `delivery`.
+    /// Whether `subscription` (id `id`) may receive `record`.
     fn allows(
         &mut self,
         filters: &FilterSet,
         subscription: &Subscription,
         id: u64,
-        delivery: &pb::Delivery,
+        record: RecordView<'_>,
     ) -> bool {
         let Some(name) = &subscription.filter else {
             return true;
         };
-        let event = Self::event(&mut self.headers, delivery);
+        let event = Self::event(&mut self.headers, record);
         self.shared
             .allows(filters, name, &subscription.context, id, &event)
     }
