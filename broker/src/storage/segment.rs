@@ -1,4 +1,5 @@
-//! One segment file: a fixed header, then record frames, memory-mapped.
+//! One segment file: a fixed header, then record frames; written with `pwrite`,
+//! read through a read-only memory mapping.
 //!
 //! ```text
 //! byte  size  field
@@ -15,11 +16,21 @@
 //! front with `fallocate` so that a full disk is an error at creation rather than a
 //! `SIGBUS` on a page fault; unwritten space is zero. A sealed segment is cut to the
 //! length of its data and synced.
+//!
+//! Appends are not written through the mapping: the first write to each page of
+//! reserved space would fault, have the kernel zero the page (reading an unwritten
+//! extent), then mark it writable, and every sync would write-protect the mapped
+//! pages again (a TLB shootdown per sync). Frames are encoded into a staging buffer
+//! instead and written with one `pwrite` per appended batch, which copies into the
+//! page cache directly; the read-only mapping sees the same pages. Until then, reads
+//! of staged frames come from the buffer.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use memmap2::{MmapMut, MmapOptions};
+use std::os::unix::fs::FileExt;
+
+use memmap2::{Mmap, MmapOptions};
 
 use crate::storage::error::IoError;
 
@@ -108,27 +119,37 @@ pub struct Segment {
     path: PathBuf,
     /// Log position of byte 0 of the file: positions are global within a shard.
     base: u64,
-    /// Kept open so the mapping can be remapped when the segment is sealed.
+    /// Written with `pwrite`; kept open to remap when the segment is sealed.
     file: File,
-    /// The whole file, mapped shared and writable (the data directory is locked by
+    /// The whole file, mapped shared and read-only (the data directory is locked by
     /// this process, see `Store::open`).
-    map: MmapMut,
-    /// Bytes of the file holding data (header included); appends start here.
+    map: Mmap,
+    /// Bytes of data (header included), staged ones included; appends start here.
     len: usize,
+    /// Bytes written to the file; `len - written` are staged.
+    written: usize,
+    /// Frames encoded but not yet written: bytes `written..len` of the segment, at
+    /// the start of the buffer (which may be longer: it is reused).
+    staged: Vec<u8>,
+    /// Makes the next write fail (tests of a failing device).
+    #[cfg(test)]
+    pub(crate) fail_next_write: bool,
     /// Bytes known to be on disk.
     synced_len: usize,
     /// Newest record timestamp, for retention by age.
     last_timestamp_ms: u64,
 }
 
-/// Maps `file` (`len` bytes) shared and writable.
-fn map_file(file: &File, path: &Path, len: usize) -> Result<MmapMut, IoError> {
+/// Maps `file` (`len` bytes) shared and read-only.
+fn map_file(file: &File, path: &Path, len: usize) -> Result<Mmap, IoError> {
     // SAFETY: the file lives in the locked data directory of this process and is only
     // resized by this `Segment`, which never reads past the length it mapped; other
-    // processes do not write to it.
-    unsafe { MmapOptions::new().len(len).map_mut(file) }
-        .map_err(|e| IoError::new("mapping", path, e))
+    // processes do not write to it, and this one only past the data it has read.
+    unsafe { MmapOptions::new().len(len).map(file) }.map_err(|e| IoError::new("mapping", path, e))
 }
+
+/// A staging buffer larger than this is given back after its batch is written.
+const MAX_KEPT_STAGING: usize = 4 << 20;
 
 impl Segment {
     /// Creates a new segment file of `capacity` bytes starting at log position `base`.
@@ -178,26 +199,28 @@ impl Segment {
                 ));
             }
         }
-        let mut map = map_file(&file, path, capacity as usize)?;
-        map[..SEGMENT_HEADER_LEN].copy_from_slice(
-            &SegmentHeader {
-                shard,
-                base,
-                generation,
-            }
-            .encode(),
-        );
-        map.flush_range(0, SEGMENT_HEADER_LEN)
-            .map_err(|e| IoError::new("syncing segment header", path, e))?;
+        let header = SegmentHeader {
+            shard,
+            base,
+            generation,
+        }
+        .encode();
+        file.write_all_at(&header, 0)
+            .map_err(|e| IoError::new("writing segment header", path, e))?;
         file.sync_all()
             .map_err(|e| IoError::new("syncing segment", path, e))?;
         sync_dir(dir)?;
+        let map = map_file(&file, path, capacity as usize)?;
         Ok(Segment {
             path: path.to_owned(),
             base,
             file,
             map,
             len: SEGMENT_HEADER_LEN,
+            written: SEGMENT_HEADER_LEN,
+            staged: Vec::new(),
+            #[cfg(test)]
+            fail_next_write: false,
             synced_len: SEGMENT_HEADER_LEN,
             last_timestamp_ms: 0,
         })
@@ -238,6 +261,10 @@ impl Segment {
             file,
             map,
             len: file_len,
+            written: file_len,
+            staged: Vec::new(),
+            #[cfg(test)]
+            fail_next_write: false,
             synced_len: file_len,
             last_timestamp_ms: 0,
         };
@@ -284,52 +311,101 @@ impl Segment {
         &self.map
     }
 
-    /// The data bytes from file offset `at` to the end of the data.
+    /// The data bytes from file offset `at` to the end of the data, or to the end of
+    /// what is written when `at` is in it (a frame never spans the two: batches are
+    /// written whole).
     pub fn data_from(&self, at: usize) -> &[u8] {
-        &self.map[at..self.len]
+        if at >= self.written {
+            &self.staged[at - self.written..self.len - self.written]
+        } else {
+            &self.map[at..self.written]
+        }
     }
 
-    /// Unwritten space, to encode frames into before [`Segment::commit`].
+    /// Makes room to stage `bytes` more (at most [`Segment::remaining`]).
+    pub fn reserve_staging(&mut self, bytes: usize) {
+        let need = self.len - self.written + bytes;
+        if self.staged.len() < need {
+            self.staged.resize(need, 0);
+        }
+    }
+
+    /// Staging space past the data, to encode frames into before
+    /// [`Segment::commit`]: as much as [`Segment::reserve_staging`] made room for.
     pub fn spare_mut(&mut self) -> &mut [u8] {
-        &mut self.map[self.len..]
+        let at = self.len - self.written;
+        let room = self.remaining();
+        let end = self.staged.len().min(at + room);
+        &mut self.staged[at..end]
     }
 
-    /// Marks `bytes` of spare space as data.
+    /// Marks `bytes` of staging space as data (readable at once; in the file after
+    /// [`Segment::write_staged`]).
     pub fn commit(&mut self, bytes: usize, timestamp_ms: u64) {
         debug_assert!(self.len + bytes <= self.map.len());
+        debug_assert!(self.len + bytes - self.written <= self.staged.len());
         self.len += bytes;
         self.last_timestamp_ms = self.last_timestamp_ms.max(timestamp_ms);
+    }
+
+    /// Writes the staged frames to the file (into the page cache: durable after
+    /// [`Segment::sync`]). On failure they stay staged, readable, and unwritten.
+    pub fn write_staged(&mut self) -> Result<(), IoError> {
+        if self.written == self.len {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_write) {
+            return Err(IoError::new(
+                "writing segment",
+                &self.path,
+                std::io::Error::from_raw_os_error(5),
+            ));
+        }
+        self.file
+            .write_all_at(&self.staged[..self.len - self.written], self.written as u64)
+            .map_err(|e| IoError::new("writing segment", &self.path, e))?;
+        self.written = self.len;
+        if self.staged.len() > MAX_KEPT_STAGING {
+            self.staged = Vec::new();
+        }
+        Ok(())
     }
 
     /// After a recovery scan: where the data ends and its newest timestamp.
     /// The recovered data counts as unsynced: after a crash it may exist only in the
     /// page cache, so the next sync covers all of it.
     pub fn set_recovered_len(&mut self, len: usize, last_timestamp_ms: u64) {
+        debug_assert_eq!(self.written, self.len, "recovery stages nothing");
         self.len = len;
+        self.written = len;
         self.synced_len = SEGMENT_HEADER_LEN;
         self.last_timestamp_ms = last_timestamp_ms;
     }
 
-    /// True when unwritten data exists.
+    /// True when written data not known to be on disk exists.
     pub fn is_dirty(&self) -> bool {
-        self.synced_len < self.len
+        self.synced_len < self.written
     }
 
-    /// Forces written data to disk.
+    /// Forces written data to disk (not staged frames: after a failed write they are
+    /// never acknowledged, and must not reach the disk later).
     pub fn sync(&mut self) -> Result<(), IoError> {
-        if self.synced_len < self.len {
-            self.map
-                .flush_range(self.synced_len, self.len - self.synced_len)
+        if self.synced_len < self.written {
+            self.file
+                .sync_data()
                 .map_err(|e| IoError::new("syncing segment", &self.path, e))?;
-            self.synced_len = self.len;
+            self.synced_len = self.written;
         }
         Ok(())
     }
 
-    /// Flushes the whole mapping, data or not (tests that fake a crash's leftovers).
+    /// Writes bytes anywhere in the file, past the data too (tests that fake a
+    /// crash's leftovers), and syncs them.
     #[cfg(test)]
-    fn sync_all_for_test(&mut self) {
-        self.map.flush().unwrap();
+    fn write_raw_for_test(&mut self, at: usize, bytes: &[u8]) {
+        self.file.write_all_at(bytes, at as u64).unwrap();
+        self.file.sync_all().unwrap();
     }
 
     /// File offset of the last non-zero byte at or after `from`, if any. Only the
@@ -372,10 +448,18 @@ impl Segment {
     pub fn zero_tail(&mut self) -> Result<(), IoError> {
         let len = self.len;
         if let Some(last) = self.last_nonzero_from(len) {
-            self.map[len..=last].fill(0);
-            self.map
-                .flush_range(len, last + 1 - len)
-                .map_err(|e| IoError::new("zeroing segment tail", &self.path, e))?;
+            let zeroes = vec![0u8; (last + 1 - len).min(1 << 20)];
+            let mut at = len;
+            while at <= last {
+                let n = zeroes.len().min(last + 1 - at);
+                self.file
+                    .write_all_at(&zeroes[..n], at as u64)
+                    .map_err(|e| IoError::new("zeroing segment tail", &self.path, e))?;
+                at += n;
+            }
+            self.file
+                .sync_data()
+                .map_err(|e| IoError::new("syncing zeroed segment tail", &self.path, e))?;
         }
         Ok(())
     }
@@ -383,7 +467,9 @@ impl Segment {
     /// Syncs the data and cuts the file to its length: the segment becomes read-only
     /// history. Returns the bytes given back to the file system.
     pub fn seal(&mut self) -> Result<u64, IoError> {
+        debug_assert_eq!(self.written, self.len, "a failed write stops appends");
         self.sync()?;
+        self.staged = Vec::new();
         let freed = (self.map.len() - self.len) as u64;
         if freed == 0 {
             return Ok(0);
@@ -466,8 +552,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut segment = Segment::create(dir.path(), 0, 0, 64 << 10, 1).unwrap();
         assert_eq!(segment.capacity(), 64 << 10);
+        segment.reserve_staging(8);
         segment.spare_mut()[..8].copy_from_slice(b"abcdefgh");
         segment.commit(8, 5);
+        // Staged: readable, not in the file yet.
+        assert_eq!(segment.data_from(64), b"abcdefgh");
+        assert_eq!(&segment.mapped()[64..72], &[0; 8]);
+        segment.write_staged().unwrap();
+        assert_eq!(&segment.mapped()[64..72], b"abcdefgh");
+        assert_eq!(segment.data_from(66), b"cdefgh");
         assert!(segment.is_dirty());
         assert_eq!(segment.seal().unwrap(), (64 << 10) - 72);
         assert!(!segment.is_dirty());
@@ -488,9 +581,13 @@ mod tests {
     fn garbage_past_the_data_is_found_and_zeroed_wherever_it_is() {
         let dir = tempfile::tempdir().unwrap();
         let mut segment = Segment::create(dir.path(), 0, 0, 4 << 20, 1).unwrap();
+        segment.reserve_staging(8);
         segment.spare_mut()[..8].copy_from_slice(b"abcdefgh");
         segment.commit(8, 5);
+        segment.write_staged().unwrap();
+        assert!(segment.is_dirty());
         segment.sync().unwrap();
+        assert!(!segment.is_dirty());
         assert_eq!(
             segment.last_nonzero_from(72),
             None,
@@ -498,11 +595,9 @@ mod tests {
         );
         // A crash left bytes past the data: near it, and megabytes further on
         // (written and synced, so the file system holds them as data).
-        let spare = segment.spare_mut();
-        spare[100] = 1;
-        spare[(3 << 20) + 5] = 7;
+        segment.write_raw_for_test(72 + 100, &[1]);
+        segment.write_raw_for_test(72 + (3 << 20) + 5, &[7]);
         let path = segment.path().to_owned();
-        segment.sync_all_for_test();
         drop(segment);
         let (mut reopened, _) = Segment::open(&path, 0).unwrap();
         assert_eq!(reopened.last_nonzero_from(72), Some(72 + (3 << 20) + 5));

@@ -268,11 +268,23 @@ impl Shard {
         self.stats
             .segment_bytes
             .store(self.log.disk_bytes(), std::sync::atomic::Ordering::Relaxed);
+        self.log.active_mut().reserve_staging(total as usize);
         let mut appended = Vec::with_capacity(records.len());
         let last = records.len() - 1;
         for (i, record) in records.iter().enumerate() {
             let flags = if i == last { FLAG_BATCH_END } else { 0 };
             appended.push(self.append_one(record, flags, now_ms));
+        }
+        // One write for the batch. The registry already points at its frames, which
+        // stay readable from the staging buffer if the write fails; the shard then
+        // stops (as after a failed sync), so they are never acknowledged.
+        if let Err(error) = self.log.active_mut().write_staged() {
+            tracing::error!(shard = self.options.id, %error, "writing a segment failed; the shard stops accepting appends");
+            self.failed = Some(error.to_string());
+            return Err(AppendError::ShardFailed {
+                shard: self.options.id,
+                reason: error.to_string(),
+            });
         }
         ShardStats::add(&self.stats.records_appended, records.len() as u64);
         ShardStats::add(&self.stats.bytes_appended, total);
@@ -891,4 +903,50 @@ fn validate_headers(record: &NewRecord) -> Result<(), AppendError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::config::StoreConfig;
+    use crate::storage::log::DiskBudget;
+
+    fn open(dir: &Path) -> Shard {
+        let options = ShardOptions::from_config(&StoreConfig::new(dir), 0);
+        let budget = Arc::new(DiskBudget::new(None));
+        Shard::open(dir, options, budget, Arc::default()).unwrap().0
+    }
+
+    fn batch(from: usize) -> Vec<NewRecord> {
+        (from..from + 10)
+            .map(|i| NewRecord::new("guild.1", format!("record {i}")))
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_write_refuses_its_batch_stops_the_shard_and_never_reaches_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shard = open(dir.path());
+        shard.append(&batch(0), 1).unwrap();
+        shard.log.active_mut().fail_next_write = true;
+        let error = shard.append(&batch(10), 2).unwrap_err();
+        assert!(
+            matches!(&error, AppendError::ShardFailed { reason, .. } if reason.contains("writing segment")),
+            "{error:?}"
+        );
+        // Stopped: later appends are refused too, though the device would take them.
+        assert!(matches!(
+            shard.append(&batch(20), 3),
+            Err(AppendError::ShardFailed { .. })
+        ));
+        // What was written before is synced; the refused batch is not written by it.
+        shard.sync().unwrap();
+        drop(shard);
+        let reopened = open(dir.path());
+        let read = reopened.read("guild.1", 0, ReadLimits::default()).unwrap();
+        let payloads: Vec<_> = read.records.iter().map(|r| r.payload.clone()).collect();
+        let expected: Vec<_> = batch(0).into_iter().map(|r| r.payload).collect();
+        assert_eq!(payloads, expected);
+        assert_eq!(read.next_offset, 10);
+    }
 }
