@@ -111,9 +111,12 @@ impl Counter {
             });
             let deadline = tokio::time::Instant::from_std(deadline);
             while deliveries < *expected.borrow_and_update() {
+                // One clock read per batch handed out: records that arrived together
+                // get the same arrival time.
+                let mut arrived = None;
                 let mut on = |payload: &[u8], subscriptions: usize| {
                     deliveries += subscriptions as u64;
-                    let now = Instant::now();
+                    let now = *arrived.get_or_insert_with(Instant::now);
                     last = Some(now);
                     if let (Some((base, warmup)), Some(histogram)) = (base, latency.as_mut())
                         && payload.len() >= 8

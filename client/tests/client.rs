@@ -182,6 +182,51 @@ async fn send_batch_sends_in_order_after_earlier_records_and_checks_every_record
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_events_hands_out_what_arrived_together_in_order_with_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;
+    let producer = Producer::connect(&broker.url(), ProducerConfig::default())
+        .await
+        .unwrap();
+    let mut subscriber = Subscriber::connect(&broker.url()).await.unwrap();
+    subscriber
+        .subscribe(1, "guild.1", Start::Earliest)
+        .await
+        .unwrap();
+    let records: Vec<Record> = (0..3_000u32)
+        .map(|i| Record::new("guild.1", i.to_string()))
+        .collect();
+    producer.send_batch(records).await.unwrap().await.unwrap();
+    // `next` and `next_events` mixed: every record once, in order.
+    let mut offsets = Vec::new();
+    let mut batches = 0;
+    while offsets.len() < 3_000 {
+        if offsets.len() == 10 {
+            offsets.push(next_delivery(&mut subscriber).await.offset);
+            continue;
+        }
+        let events = tokio::time::timeout(Duration::from_secs(10), subscriber.next_events())
+            .await
+            .expect("events within 10 s")
+            .expect("the subscriber is open");
+        assert!(!events.is_empty());
+        batches += 1;
+        for event in events {
+            if let SubscriberEvent::Delivery(delivery) = event {
+                assert_eq!(delivery.payload, delivery.offset.to_string().as_bytes());
+                offsets.push(delivery.offset);
+            }
+        }
+    }
+    assert_eq!(offsets, (0..3_000).collect::<Vec<u64>>());
+    assert!(
+        batches < 1_000,
+        "{batches} calls for 3,000 records: not batched"
+    );
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_records_are_refused_with_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;

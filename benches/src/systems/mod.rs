@@ -422,9 +422,16 @@ pub enum Consumer {
     RedisStreams(redis::StreamConsumer),
 }
 
+/// Most messages a consumer hands out per [`Consumer::next_batch`] call when its
+/// client gives them one by one. Every consumer hands out what has already arrived
+/// in one call, so that the harness's per-call work (a timer, a clock read) is not
+/// counted per record for one system and per batch for another.
+pub const MAX_READY: usize = 1000;
+
 impl Consumer {
-    /// Waits for the next deliveries and hands each payload to `f` with the number
-    /// of subscriptions it is for; false once the consumer's stream is gone.
+    /// Waits for the next deliveries and hands each payload that has arrived to `f`
+    /// with the number of subscriptions it is for; false once the consumer's stream
+    /// is gone.
     pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
         match self {
             Consumer::Switchyard(c) => c.next_batch(f).await,

@@ -5,8 +5,8 @@ use std::collections::VecDeque;
 use anyhow::{Context as _, Result, bail};
 use async_nats::jetstream;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
+use futures_util::{FutureExt, StreamExt};
 
 /// The JetStream stream every benchmark subject belongs to.
 pub const STREAM: &str = "BENCH";
@@ -151,13 +151,19 @@ impl CoreConsumer {
     }
 
     pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
-        match self.messages.next().await {
-            Some(message) => {
-                f(&message.payload, 1);
-                Ok(true)
+        let Some(message) = self.messages.next().await else {
+            return Ok(false);
+        };
+        f(&message.payload, 1);
+        // And whatever else has arrived.
+        for _ in 1..super::MAX_READY {
+            match self.messages.next().now_or_never() {
+                Some(Some(message)) => f(&message.payload, 1),
+                Some(None) => return Ok(false),
+                None => break,
             }
-            None => Ok(false),
         }
+        Ok(true)
     }
 }
 
@@ -190,13 +196,19 @@ impl JetStreamConsumer {
     }
 
     pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
-        match self.messages.next().await {
-            Some(Ok(message)) => {
-                f(&message.payload, 1);
-                Ok(true)
+        let mut next = self.messages.next().await;
+        for _ in 0..super::MAX_READY {
+            match next {
+                Some(Ok(message)) => f(&message.payload, 1),
+                Some(Err(error)) => bail!("JetStream consumer: {error}"),
+                None => return Ok(false),
             }
-            Some(Err(error)) => bail!("JetStream consumer: {error}"),
-            None => Ok(false),
+            // And whatever else has arrived.
+            match self.messages.next().now_or_never() {
+                Some(ready) => next = ready,
+                None => break,
+            }
         }
+        Ok(true)
     }
 }

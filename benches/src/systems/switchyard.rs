@@ -203,17 +203,19 @@ impl Consumer {
         Ok(Consumer { subscriber })
     }
 
-    /// Hands each delivered payload to `f` with the number of subscriptions it is
-    /// for; false once the stream is gone.
+    /// Hands each payload delivered so far (waiting for one) to `f` with the number
+    /// of subscriptions it is for; false once the stream is gone.
     pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
-        match self.subscriber.next().await {
-            Some(SubscriberEvent::Delivery(d)) => {
-                f(&d.payload, d.subscription_ids.len());
-                Ok(true)
+        let Some(events) = self.subscriber.next_events().await else {
+            return Ok(false);
+        };
+        for event in events {
+            match event {
+                SubscriberEvent::Delivery(d) => f(&d.payload, d.subscription_ids.len()),
+                SubscriberEvent::Refused { id, error } => bail!("subscription {id}: {error}"),
+                _ => {}
             }
-            Some(SubscriberEvent::Refused { id, error }) => bail!("subscription {id}: {error}"),
-            Some(_) => Ok(true),
-            None => Ok(false),
         }
+        Ok(true)
     }
 }
