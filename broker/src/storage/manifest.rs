@@ -153,6 +153,10 @@ pub fn shard_dir(data_dir: &Path, id: u32) -> PathBuf {
     data_dir.join(format!("shard-{id:04}"))
 }
 
+/// How long opening waits for a held lock: `LOCK_TRIES` × `LOCK_RETRY`.
+const LOCK_TRIES: u32 = 10;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// An exclusive lock on the data directory, held while the store is open.
 #[derive(Debug)]
 pub struct DirLock {
@@ -168,12 +172,25 @@ impl DirLock {
             .write(true)
             .open(&path)
             .map_err(|e| IoError::new("opening", &path, e))?;
-        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(DirLock { _file: file }),
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(OpenError::Locked {
-                path: data_dir.to_owned(),
-            }),
-            Err(errno) => Err(IoError::new("locking", &path, errno.into()).into()),
+        // A lock held only for a moment is waited for: a process that forks (to
+        // spawn a program) while it has the store open shares the lock with the
+        // child until the child execs, so a close and reopen in that window would
+        // otherwise fail.
+        let mut tries = LOCK_TRIES;
+        loop {
+            match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => return Ok(DirLock { _file: file }),
+                Err(rustix::io::Errno::WOULDBLOCK) if tries > 1 => {
+                    tries -= 1;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    return Err(OpenError::Locked {
+                        path: data_dir.to_owned(),
+                    });
+                }
+                Err(errno) => return Err(IoError::new("locking", &path, errno.into()).into()),
+            }
         }
     }
 }
