@@ -7,8 +7,7 @@ use std::time::Duration;
 use crate::storage::error::OpenError;
 use crate::storage::segment::SEGMENT_HEADER_LEN;
 
-/// When appended data is forced to disk (`fsync`, by `msync(MS_SYNC)` of the mapped
-/// range). Whatever the policy, a segment is synced when it is sealed and every shard
+/// When appended data is forced to disk (`fdatasync` of the segment file). Whatever the policy, a segment is synced when it is sealed and every shard
 /// is synced on a clean close, and an append with [`crate::storage::Ack::Durable`] is
 /// answered only after the sync that covers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

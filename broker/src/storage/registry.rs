@@ -132,14 +132,24 @@ impl TopicTable {
     /// Keeps only the topics whose latest position satisfies `keep`; returns how many
     /// were removed. Rebuilds the table (shrinking it when it became sparse).
     pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) -> usize {
+        self.rewrite(|pos| keep(pos).then_some(pos))
+    }
+
+    /// Moves every topic to the position `to` gives for its latest position, or
+    /// removes it when `to` gives none; returns how many were removed. Rebuilds the
+    /// table when any was removed.
+    pub fn rewrite(&mut self, mut to: impl FnMut(u64) -> Option<u64>) -> usize {
         let before = self.len;
         let kept: Vec<Slot> = self
             .slots
             .iter()
-            .filter(|s| s.hash != 0 && keep(s.pos))
-            .copied()
+            .filter(|s| s.hash != 0)
+            .filter_map(|s| to(s.pos).map(|pos| Slot { hash: s.hash, pos }))
             .collect();
         if kept.len() == before {
+            for (slot, new) in self.slots.iter_mut().filter(|s| s.hash != 0).zip(kept) {
+                slot.pos = new.pos;
+            }
             return 0;
         }
         let mut slots = MIN_SLOTS;

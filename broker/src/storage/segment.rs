@@ -14,7 +14,7 @@
 //! ```
 //! A segment being written is as long as the configured segment size, reserved up
 //! front with `fallocate` so that a full disk is an error at creation rather than a
-//! `SIGBUS` on a page fault; unwritten space is zero. A sealed segment is cut to the
+//! failed write later; unwritten space is zero. A sealed segment is cut to the
 //! length of its data and synced.
 //!
 //! Appends are not written through the mapping: the first write to each page of
@@ -113,8 +113,7 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     stem.parse().ok()
 }
 
-/// A memory-mapped segment file.
-#[derive(Debug)]
+/// A segment file, read through a memory mapping.
 pub struct Segment {
     path: PathBuf,
     /// Log position of byte 0 of the file: positions are global within a shard.
@@ -138,6 +137,19 @@ pub struct Segment {
     synced_len: usize,
     /// Newest record timestamp, for retention by age.
     last_timestamp_ms: u64,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("path", &self.path)
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .field("written", &self.written)
+            .field("synced_len", &self.synced_len)
+            .field("capacity", &self.map.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Maps `file` (`len` bytes) shared and read-only.
@@ -188,7 +200,7 @@ impl Segment {
         match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity) {
             Ok(()) => {}
             // A file system without fallocate: allocate by writing zeroes. A sparse
-            // file would turn a full disk into SIGBUS on a page fault of the mapping.
+            // file would turn a full disk into a failed write in the middle of a batch.
             Err(rustix::io::Errno::OPNOTSUPP) => write_zeroes(&file, capacity)
                 .map_err(|e| IoError::new("reserving space for segment", path, e))?,
             Err(errno) => {
@@ -370,6 +382,11 @@ impl Segment {
             self.staged = Vec::new();
         }
         Ok(())
+    }
+
+    /// Forgets the staged frames (after a failed write).
+    pub fn discard_staged(&mut self) {
+        self.len = self.written;
     }
 
     /// After a recovery scan: where the data ends and its newest timestamp.

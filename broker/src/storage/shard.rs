@@ -269,17 +269,20 @@ impl Shard {
             .segment_bytes
             .store(self.log.disk_bytes(), std::sync::atomic::Ordering::Relaxed);
         self.log.active_mut().reserve_staging(total as usize);
+        let batch_start = self.log.end();
         let mut appended = Vec::with_capacity(records.len());
         let last = records.len() - 1;
         for (i, record) in records.iter().enumerate() {
             let flags = if i == last { FLAG_BATCH_END } else { 0 };
             appended.push(self.append_one(record, flags, now_ms));
         }
-        // One write for the batch. The registry already points at its frames, which
-        // stay readable from the staging buffer if the write fails; the shard then
-        // stops (as after a failed sync), so they are never acknowledged.
+        // One write for the batch. If it fails, the batch is undone (nothing reads
+        // it) and the shard stops, as after a failed sync: part of the batch may be in
+        // the page cache and reach the disk, where recovery cuts it (it has no
+        // batch-end frame).
         if let Err(error) = self.log.active_mut().write_staged() {
             tracing::error!(shard = self.options.id, %error, "writing a segment failed; the shard stops accepting appends");
+            self.undo_staged(batch_start);
             self.failed = Some(error.to_string());
             return Err(AppendError::ShardFailed {
                 shard: self.options.id,
@@ -289,6 +292,30 @@ impl Shard {
         ShardStats::add(&self.stats.records_appended, records.len() as u64);
         ShardStats::add(&self.stats.bytes_appended, total);
         Ok(appended)
+    }
+
+    /// Forgets the staged frames from log position `batch_start` on: each topic
+    /// they touched goes back to its latest record before them (the frames' own
+    /// back pointers say which), or leaves the registry if it had none. A full scan
+    /// of the registry: this happens once, when the shard stops.
+    fn undo_staged(&mut self, batch_start: u64) {
+        let log = &self.log;
+        self.topics.rewrite(|mut pos| {
+            loop {
+                if pos == NO_POSITION {
+                    return None;
+                }
+                if pos < batch_start {
+                    return Some(pos);
+                }
+                pos = log.meta_at(pos)?.0.prev_pos;
+            }
+        });
+        self.stats.topics.store(
+            self.topics.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.log.active_mut().discard_staged();
     }
 
     /// Room for `bytes` in the newest segment; a failed seal stops the shard.
@@ -929,10 +956,24 @@ mod tests {
         let mut shard = open(dir.path());
         shard.append(&batch(0), 1).unwrap();
         shard.log.active_mut().fail_next_write = true;
-        let error = shard.append(&batch(10), 2).unwrap_err();
+        let mut refused = batch(10);
+        refused.insert(3, NewRecord::new("guild.2", "only in the refused batch"));
+        let error = shard.append(&refused, 2).unwrap_err();
         assert!(
             matches!(&error, AppendError::ShardFailed { reason, .. } if reason.contains("writing segment")),
             "{error:?}"
+        );
+        // Nothing reads the refused batch: guild.1 is as before it, guild.2 unknown.
+        let read = shard.read("guild.1", 0, ReadLimits::default()).unwrap();
+        assert_eq!(read.records.len(), 10);
+        assert_eq!(read.next_offset, 10);
+        assert!(shard.topic_info("guild.2").unwrap().is_none());
+        assert_eq!(
+            shard
+                .stats
+                .topics
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
         );
         // Stopped: later appends are refused too, though the device would take them.
         assert!(matches!(
