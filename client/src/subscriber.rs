@@ -249,9 +249,10 @@ impl Subscriber {
 
     /// The events already received (at least one: waits when there are none), in
     /// order; `None` once the subscriber is closed. Where [`Subscriber::next`] hands
-    /// out one event per call, this hands out what arrived together (up to one
-    /// broker response's worth), for applications that work in batches — a gateway
-    /// that writes to each socket once per batch, say.
+    /// out one event per call, this hands out what arrived together (what the
+    /// dispatcher gathered from the responses it had received, about a thousand
+    /// events at most), for applications that work in batches — a gateway that
+    /// writes to each socket once per batch, say.
     pub async fn next_events(&mut self) -> Option<Vec<SubscriberEvent>> {
         if self.ready.len() == 0 {
             return self.events.recv().await;

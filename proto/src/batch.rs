@@ -268,14 +268,23 @@ impl DeliveryWriter {
     }
 
     /// The deliveries written so far as a batch; the writer starts over, reusing
-    /// its buffer once the batch is gone.
+    /// its buffer once the batch is gone (unless it grew past
+    /// [`DeliveryWriter::KEPT_CAPACITY`], so that an idle writer holds little).
     pub fn finish(&mut self) -> DeliveryBatch {
         self.count = 0;
+        let encoded = if self.buf.capacity() > Self::KEPT_CAPACITY {
+            std::mem::take(&mut self.buf).freeze()
+        } else {
+            self.buf.split().freeze()
+        };
         DeliveryBatch {
             deliveries: Vec::new(),
-            encoded: self.buf.split().freeze(),
+            encoded,
         }
     }
+
+    /// Buffer capacity a writer keeps between batches.
+    pub const KEPT_CAPACITY: usize = 256 << 10;
 }
 
 #[cfg(test)]

@@ -197,13 +197,16 @@ impl JetStreamConsumer {
 
     pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
         let mut next = self.messages.next().await;
-        for _ in 0..super::MAX_READY {
+        for taken in 1..=super::MAX_READY {
             match next {
                 Some(Ok(message)) => f(&message.payload, 1),
                 Some(Err(error)) => bail!("JetStream consumer: {error}"),
                 None => return Ok(false),
             }
-            // And whatever else has arrived.
+            if taken == super::MAX_READY {
+                break;
+            }
+            // And whatever else has arrived (none taken that is not handed out).
             match self.messages.next().now_or_never() {
                 Some(ready) => next = ready,
                 None => break,

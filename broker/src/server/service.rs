@@ -225,6 +225,7 @@ impl pb::broker_server::Broker for BrokerService {
             max_subscriptions: self.config.max_subscriptions_per_stream,
             filters: self.config.filters.clone(),
         };
+        let sink_for_release = sink.clone();
         let channels = StreamChannels {
             inbound: request.into_inner(),
             out: out_tx,
@@ -242,7 +243,12 @@ impl pb::broker_server::Broker for BrokerService {
         // The stream's final status (a cut-off) must not queue behind responses the
         // client is not reading.
         let final_status = futures_util::stream::once(status_rx).filter_map(|s| s.ok().map(Err));
-        let responses = ReceiverStream::new(out_rx).merge(final_status);
+        let responses = ReceiverStream::new(out_rx)
+            .map(move |outgoing: subscribe::Outgoing| {
+                sink_for_release.release(outgoing.releases);
+                Ok(outgoing.response)
+            })
+            .merge(final_status);
         Ok(Response::new(Box::pin(responses)))
     }
 

@@ -84,13 +84,21 @@ enum ReplayKind {
     Failed(ReadError),
 }
 
+/// A response on its way to the client, with the bytes of the stream's cap it
+/// releases once gRPC takes it (queued responses hold copies of their records).
+#[derive(Debug)]
+pub struct Outgoing {
+    pub response: pb::SubscribeResponse,
+    pub releases: usize,
+}
+
 /// The channels of one Subscribe call.
 #[derive(Debug)]
 pub struct StreamChannels {
     /// The client's commands.
     pub inbound: Streaming<pb::SubscribeRequest>,
     /// Responses to the client.
-    pub out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    pub out: mpsc::Sender<Outgoing>,
     /// The status the stream ends with, when it is not the client that ends it.
     pub final_status: oneshot::Sender<Status>,
     /// The hub's side of the stream and its live deliveries.
@@ -174,7 +182,7 @@ struct SubscriberStream {
     subscriptions: HashMap<u64, Subscription, crate::hash::BuildIntHasher>,
     next_generation: u64,
     replay_tx: mpsc::Sender<ReplayEvent>,
-    out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    out: mpsc::Sender<Outgoing>,
     stopping: watch::Receiver<bool>,
     /// Deliveries gathered for the next response, written in their wire form, and
     /// the hub bytes they release.
@@ -327,8 +335,18 @@ impl SubscriberStream {
     /// Sends a response; gives up if the stream is cut off or the server stops
     /// meanwhile (a client that stopped reading must not hold the stream forever).
     async fn send(&mut self, response: pb::SubscribeResponse) -> Result<(), End> {
+        self.send_releasing(response, 0).await
+    }
+
+    /// Sends a response that releases `releases` bytes of the cap when gRPC takes it.
+    async fn send_releasing(
+        &mut self,
+        response: pb::SubscribeResponse,
+        releases: usize,
+    ) -> Result<(), End> {
+        let outgoing = Outgoing { response, releases };
         tokio::select! {
-            sent = self.out.send(Ok(response)) => sent.map_err(|_| End::ClientGone),
+            sent = self.out.send(outgoing) => sent.map_err(|_| End::ClientGone),
             () = self.sink.cut_off() => Err(End::Status(slow_consumer())),
             () = crate::server::stopped(&mut self.stopping) => Err(End::Status(shutting_down())),
         }
@@ -338,17 +356,22 @@ impl SubscriberStream {
         self.batch.len() >= MAX_BATCH_DELIVERIES || self.batch.encoded_len() >= MAX_BATCH_BYTES
     }
 
-    /// Sends the gathered deliveries as one response.
+    /// Sends the gathered deliveries as one response. The hub bytes they stand for
+    /// stay counted against the stream's cap until gRPC takes the response.
     async fn flush(&mut self) -> Result<(), End> {
-        if !self.batch.is_empty() {
-            let deliveries = self.batch.finish();
-            self.send(pb::SubscribeResponse {
-                event: Some(pb::subscribe_response::Event::Deliveries(deliveries)),
-            })
-            .await?;
+        let released = std::mem::take(&mut self.released);
+        if self.batch.is_empty() {
+            self.sink.release(released);
+            return Ok(());
         }
-        self.sink.release(std::mem::take(&mut self.released));
-        Ok(())
+        let deliveries = self.batch.finish();
+        self.send_releasing(
+            pb::SubscribeResponse {
+                event: Some(pb::subscribe_response::Event::Deliveries(deliveries)),
+            },
+            released,
+        )
+        .await
     }
 
     /// Forgets subscription `id`: unfollows it, stops its replay, releases what it
