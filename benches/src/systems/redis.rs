@@ -29,8 +29,12 @@ impl std::fmt::Debug for Publisher {
 }
 
 pub async fn connect(url: &str) -> Result<MultiplexedConnection> {
+    // The client's default gives a reply 500 ms, which a saturated machine (100
+    // subscribers being fed on two cores) exceeds: the run would fail, not measure.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
     redis::Client::open(url)?
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .with_context(|| format!("connecting to Redis at {url}"))
 }
