@@ -428,6 +428,28 @@ pub enum Consumer {
 /// counted per record for one system and per batch for another.
 pub const MAX_READY: usize = 1000;
 
+/// For clients that give messages one by one: waits for the next message of
+/// `messages`, then takes the ones already there, up to [`MAX_READY`], handing each
+/// to `each`; false once the stream has ended.
+pub async fn take_ready<S: futures_util::Stream + Unpin>(
+    messages: &mut S,
+    mut each: impl FnMut(S::Item) -> Result<()>,
+) -> Result<bool> {
+    use futures_util::{FutureExt, StreamExt};
+    let Some(first) = messages.next().await else {
+        return Ok(false);
+    };
+    each(first)?;
+    for _ in 1..MAX_READY {
+        match messages.next().now_or_never() {
+            Some(Some(message)) => each(message)?,
+            Some(None) => return Ok(false),
+            None => break,
+        }
+    }
+    Ok(true)
+}
+
 impl Consumer {
     /// Waits for the next deliveries and hands each payload that has arrived to `f`
     /// with the number of subscriptions it is for; false once the consumer's stream

@@ -6,7 +6,6 @@ use anyhow::{Context as _, Result, bail};
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::stream::SelectAll;
-use futures_util::{FutureExt, StreamExt};
 
 /// The JetStream stream every benchmark subject belongs to.
 pub const STREAM: &str = "BENCH";
@@ -151,19 +150,11 @@ impl CoreConsumer {
     }
 
     pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
-        let Some(message) = self.messages.next().await else {
-            return Ok(false);
-        };
-        f(&message.payload, 1);
-        // And whatever else has arrived.
-        for _ in 1..super::MAX_READY {
-            match self.messages.next().now_or_never() {
-                Some(Some(message)) => f(&message.payload, 1),
-                Some(None) => return Ok(false),
-                None => break,
-            }
-        }
-        Ok(true)
+        super::take_ready(&mut self.messages, |message| {
+            f(&message.payload, 1);
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -196,22 +187,13 @@ impl JetStreamConsumer {
     }
 
     pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
-        let mut next = self.messages.next().await;
-        for taken in 1..=super::MAX_READY {
-            match next {
-                Some(Ok(message)) => f(&message.payload, 1),
-                Some(Err(error)) => bail!("JetStream consumer: {error}"),
-                None => return Ok(false),
+        super::take_ready(&mut self.messages, |message| match message {
+            Ok(message) => {
+                f(&message.payload, 1);
+                Ok(())
             }
-            if taken == super::MAX_READY {
-                break;
-            }
-            // And whatever else has arrived (none taken that is not handed out).
-            match self.messages.next().now_or_never() {
-                Some(ready) => next = ready,
-                None => break,
-            }
-        }
-        Ok(true)
+            Err(error) => bail!("JetStream consumer: {error}"),
+        })
+        .await
     }
 }

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
 
 /// Pipelines sent and not yet answered, at most.
@@ -136,19 +136,11 @@ impl PubSubConsumer {
     }
 
     pub async fn next_batch(&mut self, f: &mut (dyn FnMut(&[u8], usize) + Send)) -> Result<bool> {
-        let Some(message) = self.messages.next().await else {
-            return Ok(false);
-        };
-        f(message.get_payload_bytes(), 1);
-        // And whatever else has arrived.
-        for _ in 1..super::MAX_READY {
-            match self.messages.next().now_or_never() {
-                Some(Some(message)) => f(message.get_payload_bytes(), 1),
-                Some(None) => return Ok(false),
-                None => break,
-            }
-        }
-        Ok(true)
+        super::take_ready(&mut self.messages, |message| {
+            f(message.get_payload_bytes(), 1);
+            Ok(())
+        })
+        .await
     }
 }
 

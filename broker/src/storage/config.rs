@@ -7,9 +7,10 @@ use std::time::Duration;
 use crate::storage::error::OpenError;
 use crate::storage::segment::SEGMENT_HEADER_LEN;
 
-/// When appended data is forced to disk (`fdatasync` of the segment file). Whatever the policy, a segment is synced when it is sealed and every shard
-/// is synced on a clean close, and an append with [`crate::storage::Ack::Durable`] is
-/// answered only after the sync that covers it.
+/// When appended data is forced to disk (`fdatasync` of the segment file). Whatever
+/// the policy, a segment is synced when it is sealed and every shard is synced on a
+/// clean close, and an append with [`crate::storage::Ack::Durable`] is answered only
+/// after the sync that covers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
     /// Sync after every group of appends, before any of them is acknowledged. Appends

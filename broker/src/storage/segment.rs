@@ -361,7 +361,8 @@ impl Segment {
     }
 
     /// Writes the staged frames to the file (into the page cache: durable after
-    /// [`Segment::sync`]). On failure they stay staged, readable, and unwritten.
+    /// [`Segment::sync`]). On failure they stay staged until
+    /// [`Segment::discard_staged`]; part of them may be in the file.
     pub fn write_staged(&mut self) -> Result<(), IoError> {
         if self.written == self.len {
             return Ok(());
@@ -405,8 +406,8 @@ impl Segment {
         self.synced_len < self.written
     }
 
-    /// Forces written data to disk (not staged frames: after a failed write they are
-    /// never acknowledged, and must not reach the disk later).
+    /// Forces written data to disk. Staged frames are not written by it: a batch is
+    /// written by its append, or (after a failed write) discarded.
     pub fn sync(&mut self) -> Result<(), IoError> {
         if self.synced_len < self.written {
             self.file
