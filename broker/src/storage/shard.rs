@@ -872,11 +872,17 @@ pub fn check_batch(
         });
     }
     let mut total = 0u64;
+    // A batch's records mostly share a topic (a guild's events in a row): a name
+    // equal to the one just checked is not checked again.
+    let mut checked: Option<&str> = None;
     for record in records {
-        validate_topic_name(&record.topic).map_err(|source| AppendError::InvalidTopic {
-            topic: record.topic.clone(),
-            source,
-        })?;
+        if checked != Some(record.topic.as_str()) {
+            validate_topic_name(&record.topic).map_err(|source| AppendError::InvalidTopic {
+                topic: record.topic.clone(),
+                source,
+            })?;
+            checked = Some(&record.topic);
+        }
         validate_headers(record)?;
         let size = padded_len(frame_len(
             record.topic.len(),

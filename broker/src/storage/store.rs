@@ -305,10 +305,10 @@ impl Store {
         )?;
         let count = records.len();
         let first_shard = self.shard_of(&records[0].topic);
-        if records
-            .iter()
-            .all(|r| self.shard_of(&r.topic) == first_shard)
-        {
+        // A name equal to the record before's is not hashed again.
+        if records.windows(2).all(|pair| {
+            pair[1].topic == pair[0].topic || self.shard_of(&pair[1].topic) == first_shard
+        }) {
             return Ok(vec![(first_shard, (0..count).collect(), records)]);
         }
         let mut by_shard: Vec<Option<(Vec<usize>, Vec<NewRecord>)>> =
