@@ -30,6 +30,7 @@
 //! # }
 //! ```
 
+mod codec;
 pub mod error;
 pub mod producer;
 pub mod reader;
@@ -40,10 +41,12 @@ pub use producer::{Ack, PendingBatch, PendingPosition, Producer, ProducerConfig,
 pub use reader::{Client, TopicInfo};
 pub use subscriber::{Delivery, Position, Start, Subscriber, SubscriberEvent};
 pub use switchyard_proto as proto;
+pub use switchyard_proto::{SubscriptionIds, Topic};
 
 use std::time::Duration;
 use switchyard_proto::broker_client::BrokerClient;
 
+use tonic::client::Grpc;
 use tonic::transport::{Channel, Endpoint};
 
 /// Largest gRPC message the client sends or accepts (matches the broker's).
@@ -51,21 +54,31 @@ pub const MAX_MESSAGE_BYTES: usize = 20 << 20;
 
 /// Connects to a broker at `address` (e.g. `http://127.0.0.1:7400`).
 pub(crate) async fn connect(address: &str) -> Result<BrokerClient<Channel>, ClientError> {
+    Ok(BrokerClient::new(connect_channel(address).await?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// [`connect`] for the calls made with the client's own codecs (`codec`).
+pub(crate) async fn connect_grpc(address: &str) -> Result<Grpc<Channel>, ClientError> {
+    Ok(Grpc::new(connect_channel(address).await?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+async fn connect_channel(address: &str) -> Result<Channel, ClientError> {
     let endpoint =
         Endpoint::from_shared(address.to_owned()).map_err(|e| ClientError::InvalidAddress {
             address: address.to_owned(),
             reason: e.to_string(),
         })?;
     // Pings find a broker that vanished without closing the connection.
-    let channel = endpoint
+    Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
         .connect()
-        .await?;
-    Ok(BrokerClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .await?)
 }

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use std::sync::Arc;
-use switchyard_proto as pb;
-use switchyard_proto::broker_client::BrokerClient;
+use switchyard_proto::{self as pb, EncodedPublishRequest, PublishRecords, PublishWriter};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::Streaming;
+use tonic::client::Grpc;
 use tonic::transport::Channel;
 
 use crate::error::{ClientError, is_retryable_code};
@@ -58,16 +58,14 @@ impl Record {
                 .sum::<usize>()
     }
 
-    fn into_proto(self) -> pb::PublishRecord {
-        pb::PublishRecord {
-            topic: self.topic,
-            headers: self
-                .headers
-                .into_iter()
-                .map(|(key, value)| pb::Header { key, value })
-                .collect(),
-            payload: self.payload,
-        }
+    /// Writes the record in its wire form (it is not kept: once queued, a batch
+    /// is sent and resent from those bytes).
+    fn write_to(&self, writer: &mut PublishWriter) {
+        writer.push(
+            &self.topic,
+            self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &self.payload,
+        );
     }
 }
 
@@ -132,7 +130,7 @@ enum Queued {
         reply: Reply,
     },
     Whole {
-        records: Vec<pb::PublishRecord>,
+        records: PublishRecords,
         reply: BatchReply,
         /// Holds the records' share of the queue until the batch is sent.
         _permit: OwnedSemaphorePermit,
@@ -182,7 +180,7 @@ impl Replies {
 /// A batch sent and not yet answered.
 struct InFlight {
     request_id: u64,
-    records: Vec<pb::PublishRecord>,
+    records: PublishRecords,
     replies: Replies,
     attempts: u32,
 }
@@ -277,7 +275,7 @@ impl std::fmt::Debug for Queued {
 impl Producer {
     /// Connects to the broker at `address` and starts the batching task.
     pub async fn connect(address: &str, config: ProducerConfig) -> Result<Producer, ClientError> {
-        let client = crate::connect(address).await?;
+        let grpc = crate::connect_grpc(address).await?;
         let mut config = config;
         config.max_in_flight = config.max_in_flight.max(1);
         config.max_batch_records = config.max_batch_records.max(1);
@@ -292,7 +290,7 @@ impl Producer {
             max_batch_records: config.max_batch_records,
             max_batch_bytes: config.max_batch_bytes,
         };
-        tokio::spawn(Batcher::new(client, config).run(records));
+        tokio::spawn(Batcher::new(grpc, config).run(records));
         Ok(producer)
     }
 
@@ -323,9 +321,13 @@ impl Producer {
             check_record(record)?;
         }
         let mut parts = Vec::new();
+        // Room for the records' wire form: their bytes and a few of framing each.
+        let mut unwritten: usize = records.iter().map(|r| r.size() + 10).sum();
         let mut records = records.into_iter().peekable();
         while records.peek().is_some() {
-            let mut part = Vec::new();
+            let mut part = PublishWriter::with_capacity(
+                unwritten.min(self.max_batch_bytes + 10 * self.max_batch_records),
+            );
             let mut bytes = 0;
             while let Some(record) = records.next_if(|r| {
                 part.is_empty()
@@ -333,8 +335,10 @@ impl Producer {
                         && bytes + r.size() <= self.max_batch_bytes)
             }) {
                 bytes += record.size();
-                part.push(record.into_proto());
+                unwritten -= record.size() + 10;
+                record.write_to(&mut part);
             }
+            let part = part.finish();
             let permits = part.len().min(self.queue_records) as u32;
             let permit = self
                 .batch_room
@@ -366,23 +370,26 @@ impl Producer {
     }
 }
 
+/// Requests to a `PublishStream` and its answers.
+type PublishStream = (
+    mpsc::Sender<EncodedPublishRequest>,
+    Streaming<pb::PublishResponse>,
+);
+
 /// The batching task.
 struct Batcher {
-    client: BrokerClient<Channel>,
+    grpc: Grpc<Channel>,
     config: ProducerConfig,
     /// Requests to the current stream and its answers.
-    stream: Option<(
-        mpsc::Sender<pb::PublishRequest>,
-        Streaming<pb::PublishResponse>,
-    )>,
+    stream: Option<PublishStream>,
     in_flight: VecDeque<InFlight>,
     next_request: u64,
 }
 
 impl Batcher {
-    fn new(client: BrokerClient<Channel>, config: ProducerConfig) -> Self {
+    fn new(grpc: Grpc<Channel>, config: ProducerConfig) -> Self {
         Batcher {
-            client,
+            grpc,
             config,
             stream: None,
             in_flight: VecDeque::new(),
@@ -396,7 +403,7 @@ impl Batcher {
         let mut deadline: Option<Instant> = None;
         let mut queue_open = true;
         // A caller's batch, sent once the records gathered before it are.
-        let mut whole: Option<(Vec<pb::PublishRecord>, BatchReply, OwnedSemaphorePermit)> = None;
+        let mut whole: Option<(PublishRecords, BatchReply, OwnedSemaphorePermit)> = None;
         loop {
             if !queue_open && batch.is_empty() && whole.is_none() && self.in_flight.is_empty() {
                 return;
@@ -448,15 +455,19 @@ impl Batcher {
         if batch.is_empty() {
             return;
         }
-        let (records, replies) = batch
+        let mut writer = PublishWriter::default();
+        let replies = batch
             .into_iter()
-            .map(|(record, reply)| (record.into_proto(), reply))
-            .unzip();
-        self.dispatch(records, Replies::Each(replies)).await;
+            .map(|(record, reply)| {
+                record.write_to(&mut writer);
+                reply
+            })
+            .collect();
+        self.dispatch(writer.finish(), Replies::Each(replies)).await;
     }
 
     /// Sends a new batch.
-    async fn dispatch(&mut self, records: Vec<pb::PublishRecord>, replies: Replies) {
+    async fn dispatch(&mut self, records: PublishRecords, replies: Replies) {
         let request_id = self.next_request;
         self.next_request += 1;
         self.in_flight.push_back(InFlight {
@@ -471,16 +482,17 @@ impl Batcher {
         }
     }
 
-    fn request(&self, index: usize) -> pb::PublishRequest {
+    fn request(&self, index: usize) -> EncodedPublishRequest {
         let batch = &self.in_flight[index];
         let ack = match self.config.ack {
             Ack::Written => pb::AckLevel::Written,
             Ack::Durable => pb::AckLevel::Durable,
         };
-        pb::PublishRequest {
+        EncodedPublishRequest {
             request_id: batch.request_id,
+            ack,
+            // A reference count: the records were written once, when queued.
             records: batch.records.clone(),
-            ack: ack as i32,
         }
     }
 
@@ -488,11 +500,11 @@ impl Batcher {
     async fn send(&mut self, index: usize) -> Result<(), ClientError> {
         if self.stream.is_none() {
             let (requests, receiver) = mpsc::channel(self.config.max_in_flight.max(1) * 2);
-            let responses = self
-                .client
-                .publish_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
-                .await?
-                .into_inner();
+            let responses = crate::codec::publish_stream(
+                &mut self.grpc,
+                tokio_stream::wrappers::ReceiverStream::new(receiver),
+            )
+            .await?;
             self.stream = Some((requests, responses));
         }
         let request = self.request(index);
@@ -638,10 +650,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 async fn next_answer(
-    stream: &mut Option<(
-        mpsc::Sender<pb::PublishRequest>,
-        Streaming<pb::PublishResponse>,
-    )>,
+    stream: &mut Option<PublishStream>,
 ) -> Option<Result<pb::PublishResponse, tonic::Status>> {
     match stream {
         Some((_, responses)) => responses.message().await.transpose(),

@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use switchyard_proto as pb;
-use switchyard_proto::broker_client::BrokerClient;
+use switchyard_proto::{self as pb, ReceivedDelivery, SubscriptionIds, Topic};
 use tokio::sync::mpsc;
 use tonic::Streaming;
+use tonic::client::Grpc;
 use tonic::transport::Channel;
 
+use crate::codec::Incoming;
 use crate::error::ClientError;
 
 /// Where a record is, or (to resume) the next offset wanted and the epoch of the last
@@ -42,17 +43,18 @@ pub enum Start {
     At(Position),
 }
 
-/// A delivered record.
+/// A delivered record. Its topic and payload share the buffer the broker's
+/// response arrived in (no copy); its subscription ids are held inline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
-    pub topic: String,
+    pub topic: Topic,
     pub offset: u64,
     pub epoch: u64,
     pub timestamp_ms: u64,
     pub headers: Vec<(String, String)>,
     pub payload: Bytes,
     /// The subscriptions (of this subscriber) the record is for.
-    pub subscription_ids: Vec<u64>,
+    pub subscription_ids: SubscriptionIds,
 }
 
 impl Delivery {
@@ -67,13 +69,27 @@ impl Delivery {
 
 pub(crate) fn delivery_from_proto(d: pb::Delivery) -> Delivery {
     Delivery {
-        topic: d.topic,
+        topic: d.topic.into(),
         offset: d.offset,
         epoch: d.epoch,
         timestamp_ms: d.timestamp_ms,
         headers: d.headers.into_iter().map(|h| (h.key, h.value)).collect(),
         payload: d.payload,
-        subscription_ids: d.subscription_ids,
+        subscription_ids: d.subscription_ids.into(),
+    }
+}
+
+impl From<ReceivedDelivery> for Delivery {
+    fn from(d: ReceivedDelivery) -> Delivery {
+        Delivery {
+            topic: d.topic,
+            offset: d.offset,
+            epoch: d.epoch,
+            timestamp_ms: d.timestamp_ms,
+            headers: d.headers,
+            payload: d.payload,
+            subscription_ids: d.subscription_ids,
+        }
     }
 }
 
@@ -168,11 +184,11 @@ impl std::fmt::Debug for Command {
 impl Subscriber {
     /// Connects to the broker at `address` and starts the dispatcher.
     pub async fn connect(address: &str) -> Result<Subscriber, ClientError> {
-        let client = crate::connect(address).await?;
+        let grpc = crate::connect_grpc(address).await?;
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = mpsc::channel(EVENT_BUFFER);
         let dispatcher = Dispatcher {
-            client,
+            grpc,
             entries: HashMap::new(),
             events: event_tx,
             stream: None,
@@ -263,12 +279,12 @@ impl Subscriber {
 
 type Stream = (
     mpsc::UnboundedSender<pb::SubscribeRequest>,
-    Streaming<pb::SubscribeResponse>,
+    Streaming<Incoming>,
 );
 
 /// The one task behind a [`Subscriber`].
 struct Dispatcher {
-    client: BrokerClient<Channel>,
+    grpc: Grpc<Channel>,
     entries: HashMap<u64, Entry>,
     events: mpsc::Sender<Vec<SubscriberEvent>>,
     stream: Option<Stream>,
@@ -371,13 +387,11 @@ impl Dispatcher {
         for (id, entry) in &self.entries {
             let _ = requests.send(add_request(*id, entry));
         }
-        let responses = self
-            .client
-            .subscribe(tokio_stream::wrappers::UnboundedReceiverStream::new(
-                receiver,
-            ))
-            .await?
-            .into_inner();
+        let responses = crate::codec::subscribe(
+            &mut self.grpc,
+            tokio_stream::wrappers::UnboundedReceiverStream::new(receiver),
+        )
+        .await?;
         let reconnect = self.stream.is_none() && !self.entries.is_empty();
         self.stream = Some((requests, responses));
         if reconnect {
@@ -457,20 +471,16 @@ impl Dispatcher {
     }
 
     /// Handles one response: what the application is to be told goes to `events`.
-    fn response(&mut self, response: pb::SubscribeResponse, events: &mut Vec<SubscriberEvent>) {
+    fn response(&mut self, response: Incoming, events: &mut Vec<SubscriberEvent>) {
         use pb::subscription_update::State;
+        let response = match response {
+            Incoming::Deliveries(deliveries) => return self.deliveries(deliveries, events),
+            Incoming::Other(response) => response,
+        };
         match response.event {
             Some(pb::subscribe_response::Event::Deliveries(batch)) => {
-                events.reserve(batch.deliveries.len());
-                for d in batch.deliveries {
-                    let delivery = delivery_from_proto(d);
-                    for id in &delivery.subscription_ids {
-                        if let Some(entry) = self.entries.get_mut(id) {
-                            entry.resume = Some(delivery.next_position());
-                        }
-                    }
-                    events.push(SubscriberEvent::Delivery(delivery));
-                }
+                let deliveries = batch.deliveries.into_iter().map(delivery_from_proto);
+                self.deliveries(deliveries, events);
             }
             Some(pb::subscribe_response::Event::Update(update)) => {
                 let id = update.id;
@@ -521,6 +531,49 @@ impl Dispatcher {
                 events.push(event);
             }
             None => {}
+        }
+    }
+
+    /// Records where each subscription resumes after `deliveries` and queues them.
+    /// Runs of deliveries for one subscription (the usual case) update its entry
+    /// once, at the end of the run.
+    fn deliveries<D: Into<Delivery>>(
+        &mut self,
+        deliveries: impl IntoIterator<Item = D>,
+        events: &mut Vec<SubscriberEvent>,
+    ) {
+        let deliveries = deliveries.into_iter();
+        events.reserve(deliveries.size_hint().0);
+        let mut run: Option<(u64, Position)> = None;
+        for delivery in deliveries {
+            let delivery: Delivery = delivery.into();
+            let next = delivery.next_position();
+            match delivery.subscription_ids.as_slice() {
+                [id] if run.is_some_and(|(run_id, _)| run_id == *id) => run = Some((*id, next)),
+                ids => {
+                    if let Some((id, position)) = run.take() {
+                        self.resume_at(id, position);
+                    }
+                    match ids {
+                        [id] => run = Some((*id, next)),
+                        ids => {
+                            for &id in ids {
+                                self.resume_at(id, next);
+                            }
+                        }
+                    }
+                }
+            }
+            events.push(SubscriberEvent::Delivery(delivery));
+        }
+        if let Some((id, position)) = run {
+            self.resume_at(id, position);
+        }
+    }
+
+    fn resume_at(&mut self, id: u64, position: Position) {
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.resume = Some(position);
         }
     }
 

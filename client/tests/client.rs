@@ -470,3 +470,92 @@ async fn a_subscription_id_is_reused_only_after_its_removal() {
     );
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_headers_and_ids_arrive_as_sent_and_each_subscription_resumes_from_its_own_last_record()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "127.0.0.1:0", ServerConfig::default()).await;
+    let address = broker.address.to_string();
+    let url = broker.url();
+    // Runs of one topic and single records, mixed; some with headers.
+    let topic_of = |i: u32| {
+        if (i / 7) % 2 == 0 || i % 5 == 0 {
+            "guild.1"
+        } else {
+            "guild.2"
+        }
+    };
+    let record = |i: u32| {
+        let record = Record::new(topic_of(i), format!("payload {i}"));
+        match i % 3 {
+            0 => record,
+            1 => record.header("type", "MESSAGE_CREATE"),
+            _ => record
+                .header("type", "")
+                .header("channel_id", i.to_string()),
+        }
+    };
+    let producer = Producer::connect(&url, ProducerConfig::default())
+        .await
+        .unwrap();
+    producer
+        .send_batch((0..300).map(record).collect())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // guild.1 twice (ids 1 and 3), guild.2 once. Each subscription gets each of its
+    // topic's records once, in order; a delivery names every subscription it is for.
+    let mut subscriber = Subscriber::connect(&url).await.unwrap();
+    let subscriptions = [(1, "guild.1"), (2, "guild.2"), (3, "guild.1")];
+    for (id, topic) in subscriptions {
+        subscriber
+            .subscribe(id, topic, Start::Earliest)
+            .await
+            .unwrap();
+    }
+    let mut next_offset = std::collections::HashMap::new();
+    let mut expected = |delivery: &switchyard_client::Delivery| {
+        let i: u32 = std::str::from_utf8(&delivery.payload).unwrap()[8..]
+            .parse()
+            .unwrap();
+        let sent = record(i);
+        assert_eq!(delivery.topic, sent.topic);
+        assert_eq!(delivery.headers, sent.headers);
+        assert!(!delivery.subscription_ids.is_empty());
+        for id in &delivery.subscription_ids {
+            let (_, topic) = subscriptions[*id as usize - 1];
+            assert_eq!(delivery.topic, topic);
+            let next = next_offset.entry(*id).or_insert(0);
+            assert_eq!(delivery.offset, *next, "subscription {id}");
+            *next += 1;
+        }
+        delivery.subscription_ids.len()
+    };
+    let on_guild_1 = (0..300).filter(|&i| topic_of(i) == "guild.1").count();
+    let mut wanted = 300 + on_guild_1;
+    while wanted > 0 {
+        wanted -= expected(&next_delivery(&mut subscriber).await);
+    }
+
+    // After a restart, each subscription goes on from its own last record.
+    broker.stop().await;
+    let broker = Broker::start(dir.path(), &address, ServerConfig::default()).await;
+    let producer = Producer::connect(&url, ProducerConfig::default())
+        .await
+        .unwrap();
+    producer
+        .send_batch((300..320).map(record).collect())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let on_guild_1 = (300..320).filter(|&i| topic_of(i) == "guild.1").count();
+    let mut wanted = 20 + on_guild_1;
+    while wanted > 0 {
+        wanted -= expected(&next_delivery(&mut subscriber).await);
+    }
+    broker.stop().await;
+}

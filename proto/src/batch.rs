@@ -18,6 +18,8 @@ use prost::DecodeError;
 use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::encoding::{self, DecodeContext, WireType, encoded_len_varint};
 
+use crate::wire::{Out, bytes_field_len, header_len, varint_field_len};
+
 use crate::v1::Delivery;
 
 /// A batch of deliveries (`switchyard.v1.DeliveryBatch`).
@@ -115,65 +117,6 @@ const PAYLOAD: u8 = 6 << 3 | 2;
 const SUBSCRIPTION_IDS: u8 = 7 << 3 | 2;
 const HEADER_KEY: u8 = 1 << 3 | 2;
 const HEADER_VALUE: u8 = 2 << 3 | 2;
-
-/// Bytes of a length-delimited field with a one-byte key, left out when empty.
-fn bytes_field_len(len: usize) -> usize {
-    if len == 0 {
-        0
-    } else {
-        1 + encoded_len_varint(len as u64) + len
-    }
-}
-
-/// Bytes of a varint field with a one-byte key, left out when zero.
-fn varint_field_len(value: u64) -> usize {
-    if value == 0 {
-        0
-    } else {
-        1 + encoded_len_varint(value)
-    }
-}
-
-fn header_len(key: &str, value: &str) -> usize {
-    bytes_field_len(key.len()) + bytes_field_len(value.len())
-}
-
-/// A cursor over a zeroed region sized exactly for what is written into it.
-struct Out<'a> {
-    buf: &'a mut [u8],
-    at: usize,
-}
-
-impl Out<'_> {
-    fn byte(&mut self, byte: u8) {
-        self.buf[self.at] = byte;
-        self.at += 1;
-    }
-
-    fn varint(&mut self, mut value: u64) {
-        while value >= 0x80 {
-            self.byte(value as u8 | 0x80);
-            value >>= 7;
-        }
-        self.byte(value as u8);
-    }
-
-    fn varint_field(&mut self, key: u8, value: u64) {
-        if value != 0 {
-            self.byte(key);
-            self.varint(value);
-        }
-    }
-
-    fn bytes_field(&mut self, key: u8, bytes: &[u8]) {
-        if !bytes.is_empty() {
-            self.byte(key);
-            self.varint(bytes.len() as u64);
-            self.buf[self.at..self.at + bytes.len()].copy_from_slice(bytes);
-            self.at += bytes.len();
-        }
-    }
-}
 
 impl DeliveryWriter {
     pub fn new() -> DeliveryWriter {
@@ -288,13 +231,14 @@ impl DeliveryWriter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::v1::{Header, SubscribeResponse, subscribe_response::Event};
     use prost::Message;
 
-    fn delivery(seed: u64) -> Delivery {
-        // Values that cross varint and length boundaries, zeroes and empties.
+    /// A delivery whose values cross varint and length boundaries, with zeroes and
+    /// empties, different for each `seed`.
+    pub(crate) fn delivery(seed: u64) -> Delivery {
         let big = [0, 1, 127, 128, 16_383, 16_384, u64::MAX, 1 << 35];
         let pick = |n: u64| big[(seed.wrapping_mul(n) % big.len() as u64) as usize];
         Delivery {

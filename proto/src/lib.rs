@@ -16,7 +16,13 @@ pub mod v1 {
 pub use v1::*;
 
 mod batch;
+mod publish;
+mod read;
+mod wire;
 pub use batch::{DeliveryBatch, DeliveryFields, DeliveryWriter};
+pub use publish::{EncodedPublishRequest, PublishRecords, PublishWriter};
+pub use read::{ReceivedDelivery, SubscriptionIds, Topic, read_deliveries};
+pub use wire::WireError;
 
 #[cfg(test)]
 mod tests {

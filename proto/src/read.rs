@@ -1,0 +1,586 @@
+//! Reading deliveries straight from a received `SubscribeResponse`, for clients.
+//!
+//! Why: decoding a batch with prost builds a generated `Delivery` per record, with
+//! its topic and subscription ids in fresh allocations, reading every field through
+//! the receive buffer's generic cursor. A gateway edge receives every event of its
+//! guilds, so that was most of what a subscriber's CPU went to. Here a delivery's
+//! topic and payload are slices of the received message (one reference count
+//! each, no copy), and its ids (almost always one) are held inline.
+//!
+//! What is accepted is what prost accepts for the same bytes: fields in any order,
+//! repeated scalars last-wins, ids packed or not, unknown fields skipped. Anything
+//! other than a batch of deliveries (a subscription update, an empty event) is left
+//! to prost: [`read_deliveries`] returns `None` for it.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::ops::Deref;
+
+use prost::bytes::Bytes;
+
+use crate::wire::{In, LEN, VARINT, WireError};
+
+/// A topic name that shares the buffer it was received in. Reads as a `&str`.
+#[derive(Clone, Default)]
+pub struct Topic(Bytes);
+
+impl Topic {
+    /// Checks that `bytes` are UTF-8.
+    pub fn from_utf8(bytes: Bytes) -> Result<Topic, std::str::Utf8Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(Topic(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor checks UTF-8 (`from_utf8`) or starts from a
+        // `str`, and the bytes never change.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl Deref for Topic {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Topic {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Borrow<str> for Topic {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for Topic {
+    fn eq(&self, other: &Topic) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl Eq for Topic {}
+
+impl Hash for Topic {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for Topic {
+    fn partial_cmp(&self, other: &Topic) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Topic {
+    fn cmp(&self, other: &Topic) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialEq<str> for Topic {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for Topic {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<String> for Topic {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl From<String> for Topic {
+    fn from(name: String) -> Topic {
+        Topic(Bytes::from(name))
+    }
+}
+
+impl From<&str> for Topic {
+    fn from(name: &str) -> Topic {
+        Topic(Bytes::copy_from_slice(name.as_bytes()))
+    }
+}
+
+impl From<Topic> for String {
+    fn from(topic: Topic) -> String {
+        topic.as_str().to_owned()
+    }
+}
+
+/// Inline room: a record reaches a stream once, for each of the stream's
+/// subscriptions it matches — one, unless a client subscribes twice to a topic.
+const INLINE_IDS: usize = 3;
+
+/// The subscription ids a delivery is for; up to three are held without an
+/// allocation. Reads as a `&[u64]`.
+#[derive(Clone)]
+pub struct SubscriptionIds(Ids);
+
+#[derive(Clone)]
+enum Ids {
+    Inline { len: u8, ids: [u64; INLINE_IDS] },
+    Heap(Vec<u64>),
+}
+
+impl SubscriptionIds {
+    pub const fn new() -> SubscriptionIds {
+        SubscriptionIds(Ids::Inline {
+            len: 0,
+            ids: [0; INLINE_IDS],
+        })
+    }
+
+    pub fn push(&mut self, id: u64) {
+        match &mut self.0 {
+            Ids::Inline { len, ids } if usize::from(*len) < INLINE_IDS => {
+                ids[usize::from(*len)] = id;
+                *len += 1;
+            }
+            Ids::Inline { ids, .. } => {
+                let mut heap = ids.to_vec();
+                heap.push(id);
+                self.0 = Ids::Heap(heap);
+            }
+            Ids::Heap(heap) => heap.push(id),
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u64] {
+        match &self.0 {
+            Ids::Inline { len, ids } => &ids[..usize::from(*len)],
+            Ids::Heap(heap) => heap,
+        }
+    }
+}
+
+impl Default for SubscriptionIds {
+    fn default() -> SubscriptionIds {
+        SubscriptionIds::new()
+    }
+}
+
+impl Deref for SubscriptionIds {
+    type Target = [u64];
+
+    fn deref(&self) -> &[u64] {
+        self.as_slice()
+    }
+}
+
+impl fmt::Debug for SubscriptionIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_slice(), f)
+    }
+}
+
+impl PartialEq for SubscriptionIds {
+    fn eq(&self, other: &SubscriptionIds) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for SubscriptionIds {}
+
+impl Hash for SubscriptionIds {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_slice().hash(state);
+    }
+}
+
+impl PartialEq<[u64]> for SubscriptionIds {
+    fn eq(&self, other: &[u64]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl PartialEq<&[u64]> for SubscriptionIds {
+    fn eq(&self, other: &&[u64]) -> bool {
+        self.as_slice() == *other
+    }
+}
+
+impl<const N: usize> PartialEq<[u64; N]> for SubscriptionIds {
+    fn eq(&self, other: &[u64; N]) -> bool {
+        self.as_slice() == other
+    }
+}
+
+impl PartialEq<Vec<u64>> for SubscriptionIds {
+    fn eq(&self, other: &Vec<u64>) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl FromIterator<u64> for SubscriptionIds {
+    fn from_iter<I: IntoIterator<Item = u64>>(iter: I) -> SubscriptionIds {
+        let mut ids = SubscriptionIds::new();
+        for id in iter {
+            ids.push(id);
+        }
+        ids
+    }
+}
+
+impl From<Vec<u64>> for SubscriptionIds {
+    fn from(ids: Vec<u64>) -> SubscriptionIds {
+        if ids.len() <= INLINE_IDS {
+            ids.into_iter().collect()
+        } else {
+            SubscriptionIds(Ids::Heap(ids))
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a SubscriptionIds {
+    type Item = &'a u64;
+    type IntoIter = std::slice::Iter<'a, u64>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
+/// A delivery read by [`read_deliveries`]: the fields of a `Delivery`, with the
+/// topic and payload sharing the received message.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReceivedDelivery {
+    pub topic: Topic,
+    pub offset: u64,
+    pub epoch: u64,
+    pub timestamp_ms: u64,
+    pub headers: Vec<(String, String)>,
+    pub payload: Bytes,
+    pub subscription_ids: SubscriptionIds,
+}
+
+/// Reads a whole `SubscribeResponse` message. When its event is a batch of
+/// deliveries, returns them; `Ok(None)` for any other event (decode that one with
+/// prost); an error for bytes that are not a valid message.
+pub fn read_deliveries(message: &Bytes) -> Result<Option<Vec<ReceivedDelivery>>, WireError> {
+    let mut input = In::new(message);
+    let mut deliveries: Option<Vec<ReceivedDelivery>> = None;
+    while !input.is_done() {
+        let (field, wire_type) = input.key()?;
+        match field {
+            // `deliveries`: batches met more than once merge, as prost merges them.
+            1 => {
+                In::expect(wire_type, LEN)?;
+                let batch = input.len_delimited()?;
+                read_batch(message, batch, deliveries.get_or_insert_with(Vec::new))?;
+            }
+            // `update`, or an event this reader does not know: prost decides.
+            2 => return Ok(None),
+            _ => input.skip(field, wire_type)?,
+        }
+    }
+    Ok(deliveries)
+}
+
+/// Reads the `DeliveryBatch` at `range` of `message`.
+fn read_batch(
+    message: &Bytes,
+    range: std::ops::Range<usize>,
+    deliveries: &mut Vec<ReceivedDelivery>,
+) -> Result<(), WireError> {
+    let base = range.start;
+    let mut input = In::new(&message[range]);
+    while !input.is_done() {
+        let (field, wire_type) = input.key()?;
+        if field == 1 {
+            In::expect(wire_type, LEN)?;
+            let at = input.len_delimited()?;
+            deliveries.push(read_delivery(message, base + at.start..base + at.end)?);
+        } else {
+            input.skip(field, wire_type)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the `Delivery` at `range` of `message`.
+fn read_delivery(
+    message: &Bytes,
+    range: std::ops::Range<usize>,
+) -> Result<ReceivedDelivery, WireError> {
+    let base = range.start;
+    let bytes = &message[range];
+    let mut input = In::new(bytes);
+    let mut delivery = ReceivedDelivery::default();
+    let mut topic = 0..0;
+    let mut payload = 0..0;
+    while !input.is_done() {
+        let (field, wire_type) = input.key()?;
+        match field {
+            1 => {
+                In::expect(wire_type, LEN)?;
+                topic = input.len_delimited()?;
+            }
+            2 => {
+                In::expect(wire_type, VARINT)?;
+                delivery.offset = input.varint()?;
+            }
+            3 => {
+                In::expect(wire_type, VARINT)?;
+                delivery.epoch = input.varint()?;
+            }
+            4 => {
+                In::expect(wire_type, VARINT)?;
+                delivery.timestamp_ms = input.varint()?;
+            }
+            5 => {
+                In::expect(wire_type, LEN)?;
+                let header = input.len_delimited()?;
+                delivery.headers.push(read_header(&bytes[header])?);
+            }
+            6 => {
+                In::expect(wire_type, LEN)?;
+                payload = input.len_delimited()?;
+            }
+            7 => match wire_type {
+                LEN => {
+                    let packed = input.len_delimited()?;
+                    let mut ids = In::new(&bytes[packed]);
+                    while !ids.is_done() {
+                        delivery.subscription_ids.push(ids.varint()?);
+                    }
+                }
+                VARINT => delivery.subscription_ids.push(input.varint()?),
+                _ => return Err(WireError("a known field has the wrong wire type")),
+            },
+            _ => input.skip(field, wire_type)?,
+        }
+    }
+    if !topic.is_empty() {
+        delivery.topic = Topic::from_utf8(message.slice(base + topic.start..base + topic.end))
+            .map_err(|_| WireError("topic is not UTF-8"))?;
+    }
+    if !payload.is_empty() {
+        delivery.payload = message.slice(base + payload.start..base + payload.end);
+    }
+    Ok(delivery)
+}
+
+fn read_header(bytes: &[u8]) -> Result<(String, String), WireError> {
+    let mut input = In::new(bytes);
+    let (mut key, mut value) = (0..0, 0..0);
+    while !input.is_done() {
+        let (field, wire_type) = input.key()?;
+        match field {
+            1 => {
+                In::expect(wire_type, LEN)?;
+                key = input.len_delimited()?;
+            }
+            2 => {
+                In::expect(wire_type, LEN)?;
+                value = input.len_delimited()?;
+            }
+            _ => input.skip(field, wire_type)?,
+        }
+    }
+    let text = |range: std::ops::Range<usize>| {
+        std::str::from_utf8(&bytes[range])
+            .map(str::to_owned)
+            .map_err(|_| WireError("header is not UTF-8"))
+    };
+    Ok((text(key)?, text(value)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::tests::delivery;
+    use crate::v1::{
+        Delivery, Header, Position, Started, SubscribeResponse, SubscriptionUpdate,
+        subscribe_response::Event, subscription_update::State,
+    };
+    use crate::{DeliveryBatch, DeliveryWriter};
+    use prost::Message;
+
+    fn received(d: Delivery) -> ReceivedDelivery {
+        ReceivedDelivery {
+            topic: d.topic.into(),
+            offset: d.offset,
+            epoch: d.epoch,
+            timestamp_ms: d.timestamp_ms,
+            headers: d.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+            payload: d.payload,
+            subscription_ids: d.subscription_ids.into(),
+        }
+    }
+
+    fn response(deliveries: Vec<Delivery>) -> Vec<u8> {
+        SubscribeResponse {
+            event: Some(Event::Deliveries(DeliveryBatch::new(deliveries))),
+        }
+        .encode_to_vec()
+    }
+
+    /// What the reader makes of `bytes` agrees with prost: an error only where prost
+    /// errs, and the same deliveries where it reads them. Returns what it read.
+    fn agrees_with_prost(bytes: &[u8]) -> Result<Option<Vec<ReceivedDelivery>>, WireError> {
+        let read = read_deliveries(&Bytes::copy_from_slice(bytes));
+        let decoded = SubscribeResponse::decode(bytes);
+        match (&read, decoded) {
+            (Err(error), Ok(decoded)) => {
+                panic!("read failed ({error}) where prost decoded {decoded:?} from {bytes:?}")
+            }
+            (Ok(Some(deliveries)), Ok(decoded)) => {
+                let Some(Event::Deliveries(batch)) = decoded.event else {
+                    panic!("read deliveries where prost decoded {decoded:?} from {bytes:?}");
+                };
+                let expected: Vec<_> = batch.deliveries.into_iter().map(received).collect();
+                assert_eq!(deliveries, &expected, "from {bytes:?}");
+            }
+            (Ok(Some(deliveries)), Err(error)) => {
+                panic!("read {deliveries:?} where prost failed ({error}) on {bytes:?}")
+            }
+            // Left to prost, or failed with prost.
+            (Ok(None), _) | (Err(_), Err(_)) => {}
+        }
+        read
+    }
+
+    #[test]
+    fn a_written_batch_reads_as_prost_decodes_it() {
+        let deliveries: Vec<Delivery> = (0..200).map(delivery).collect();
+        let mut writer = DeliveryWriter::new();
+        for d in &deliveries {
+            writer.push_delivery(d);
+        }
+        let bytes = SubscribeResponse {
+            event: Some(Event::Deliveries(writer.finish())),
+        }
+        .encode_to_vec();
+        let read = agrees_with_prost(&bytes).unwrap().expect("a batch");
+        assert_eq!(
+            read,
+            deliveries.into_iter().map(received).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn other_events_are_left_to_prost() {
+        let update = SubscribeResponse {
+            event: Some(Event::Update(SubscriptionUpdate {
+                id: 3,
+                state: Some(State::Started(Started {
+                    next: Some(Position {
+                        offset: 1,
+                        epoch: 2,
+                    }),
+                })),
+            })),
+        }
+        .encode_to_vec();
+        assert_eq!(agrees_with_prost(&update), Ok(None));
+        assert_eq!(agrees_with_prost(&[]), Ok(None));
+        // An update after a batch replaces it (a oneof keeps the last): prost's call.
+        let mut both = response(vec![delivery(1)]);
+        both.extend_from_slice(&update);
+        assert_eq!(agrees_with_prost(&both), Ok(None));
+        // Two batches merge.
+        let mut two = response(vec![delivery(1)]);
+        two.extend_from_slice(&response(vec![delivery(2)]));
+        assert_eq!(agrees_with_prost(&two).unwrap().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn any_field_order_repeats_unpacked_ids_and_unknown_fields_read_as_prost_reads_them() {
+        let mut d = Vec::new();
+        // ids unpacked (field 7, varint), payload before topic, offset twice (the
+        // last counts), an unknown varint, fixed64 and group field, a header.
+        d.extend_from_slice(&[7 << 3, 5, 7 << 3, 0x80, 0x01]);
+        d.extend_from_slice(&[6 << 3 | 2, 2, b'h', b'i']);
+        d.extend_from_slice(&[1 << 3 | 2, 3, b'g', b'.', b'1']);
+        d.extend_from_slice(&[2 << 3, 9, 2 << 3, 10]);
+        d.extend_from_slice(&[15 << 3, 1, 14 << 3 | 1, 1, 2, 3, 4, 5, 6, 7, 8]);
+        d.extend_from_slice(&[13 << 3 | 3, 12 << 3, 1, 13 << 3 | 4]);
+        d.extend_from_slice(&[5 << 3 | 2, 5, 1 << 3 | 2, 1, b'k', 3 << 3, 1]);
+        d.extend_from_slice(&[7 << 3 | 2, 2, 1, 2]);
+        let mut batch = vec![1 << 3 | 2, d.len() as u8];
+        batch.extend_from_slice(&d);
+        let mut message = vec![1 << 3 | 2, batch.len() as u8];
+        message.extend_from_slice(&batch);
+        let read = agrees_with_prost(&message).unwrap().unwrap();
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].topic, "g.1");
+        assert_eq!(read[0].offset, 10);
+        assert_eq!(read[0].subscription_ids, [5, 128, 1, 2]);
+        assert_eq!(read[0].headers, vec![("k".to_owned(), String::new())]);
+        assert_eq!(&read[0].payload[..], b"hi");
+    }
+
+    #[test]
+    fn every_truncation_and_byte_change_fails_or_reads_exactly_as_with_prost() {
+        let mut deliveries: Vec<Delivery> = (1..6).map(delivery).collect();
+        deliveries[1].headers.push(Header {
+            key: "type".into(),
+            value: "MESSAGE_CREATE".into(),
+        });
+        let bytes = response(deliveries);
+        let mut failed = 0;
+        for len in 0..bytes.len() {
+            failed += usize::from(agrees_with_prost(&bytes[..len]).is_err());
+        }
+        assert!(failed > bytes.len() / 2, "most truncations are errors");
+        for at in 0..bytes.len() {
+            for value in [0x00, 0x01, 0x02, 0x03, 0x04, 0x07, 0x0a, 0x7f, 0x80, 0xff] {
+                let mut changed = bytes.clone();
+                changed[at] = value;
+                let _ = agrees_with_prost(&changed);
+            }
+        }
+    }
+
+    #[test]
+    fn subscription_ids_hold_three_inline_then_spill() {
+        let mut ids = SubscriptionIds::new();
+        assert!(ids.is_empty());
+        for id in 1..=5 {
+            ids.push(id);
+            assert_eq!(ids.as_slice(), (1..=id).collect::<Vec<_>>().as_slice());
+        }
+        assert_eq!(ids, vec![1, 2, 3, 4, 5]);
+        assert_eq!(SubscriptionIds::from(vec![9]), [9]);
+        assert_eq!(format!("{:?}", SubscriptionIds::from(vec![1, 2])), "[1, 2]");
+    }
+
+    #[test]
+    fn a_topic_reads_and_compares_as_its_name() {
+        let topic = Topic::from("guild.1");
+        assert_eq!(topic, "guild.1");
+        assert_eq!(topic, "guild.1".to_owned());
+        assert_eq!(topic.len(), 7);
+        assert_eq!(format!("{topic} {topic:?}"), "guild.1 \"guild.1\"");
+        assert_eq!(String::from(topic.clone()), "guild.1");
+        assert!(Topic::from_utf8(Bytes::from_static(b"\xff")).is_err());
+        let set: std::collections::HashSet<Topic> = [topic].into();
+        assert!(set.contains("guild.1"));
+    }
+}

@@ -1,0 +1,195 @@
+//! The protobuf wire format, as far as the hand-written messages need it: sizing
+//! and writing fields with one-byte keys ([`Out`]), and reading fields from one
+//! contiguous message ([`In`]).
+
+use std::fmt;
+
+use prost::encoding::encoded_len_varint;
+
+/// Bytes of a length-delimited field with a one-byte key, left out when empty.
+pub(crate) fn bytes_field_len(len: usize) -> usize {
+    if len == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(len as u64) + len
+    }
+}
+
+/// Bytes of a varint field with a one-byte key, left out when zero.
+pub(crate) fn varint_field_len(value: u64) -> usize {
+    if value == 0 {
+        0
+    } else {
+        1 + encoded_len_varint(value)
+    }
+}
+
+pub(crate) fn header_len(key: &str, value: &str) -> usize {
+    bytes_field_len(key.len()) + bytes_field_len(value.len())
+}
+
+/// A cursor over a zeroed region sized exactly for what is written into it.
+pub(crate) struct Out<'a> {
+    pub(crate) buf: &'a mut [u8],
+    pub(crate) at: usize,
+}
+
+impl Out<'_> {
+    pub(crate) fn byte(&mut self, byte: u8) {
+        self.buf[self.at] = byte;
+        self.at += 1;
+    }
+
+    pub(crate) fn varint(&mut self, mut value: u64) {
+        while value >= 0x80 {
+            self.byte(value as u8 | 0x80);
+            value >>= 7;
+        }
+        self.byte(value as u8);
+    }
+
+    pub(crate) fn varint_field(&mut self, key: u8, value: u64) {
+        if value != 0 {
+            self.byte(key);
+            self.varint(value);
+        }
+    }
+
+    pub(crate) fn bytes_field(&mut self, key: u8, bytes: &[u8]) {
+        if !bytes.is_empty() {
+            self.byte(key);
+            self.varint(bytes.len() as u64);
+            self.buf[self.at..self.at + bytes.len()].copy_from_slice(bytes);
+            self.at += bytes.len();
+        }
+    }
+}
+
+/// A message that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireError(pub(crate) &'static str);
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed message: {}", self.0)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+// Wire types.
+pub(crate) const VARINT: u8 = 0;
+pub(crate) const FIXED64: u8 = 1;
+pub(crate) const LEN: u8 = 2;
+pub(crate) const START_GROUP: u8 = 3;
+pub(crate) const END_GROUP: u8 = 4;
+pub(crate) const FIXED32: u8 = 5;
+
+/// Nesting prost allows for groups, too.
+const MAX_GROUP_DEPTH: usize = 100;
+
+/// A cursor reading fields from one whole message held in a slice.
+#[derive(Debug)]
+pub(crate) struct In<'a> {
+    buf: &'a [u8],
+    at: usize,
+}
+
+impl<'a> In<'a> {
+    pub(crate) fn new(buf: &'a [u8]) -> In<'a> {
+        In { buf, at: 0 }
+    }
+
+    pub(crate) fn is_done(&self) -> bool {
+        self.at == self.buf.len()
+    }
+
+    pub(crate) fn varint(&mut self) -> Result<u64, WireError> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let Some(&byte) = self.buf.get(self.at) else {
+                return Err(WireError("truncated varint"));
+            };
+            self.at += 1;
+            // The tenth byte holds the top bit only.
+            if i == 9 && byte > 1 {
+                return Err(WireError("varint overflows 64 bits"));
+            }
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte < 0x80 {
+                return Ok(value);
+            }
+        }
+        unreachable!("the tenth byte ends the varint or fails")
+    }
+
+    /// The next field's number and wire type.
+    pub(crate) fn key(&mut self) -> Result<(u32, u8), WireError> {
+        let key = self.varint()?;
+        if key > u64::from(u32::MAX) {
+            return Err(WireError("field key out of range"));
+        }
+        let (field, wire_type) = ((key >> 3) as u32, (key & 7) as u8);
+        if field == 0 {
+            return Err(WireError("field number 0"));
+        }
+        Ok((field, wire_type))
+    }
+
+    /// A length-delimited field's value: where it is in the slice.
+    pub(crate) fn len_delimited(&mut self) -> Result<std::ops::Range<usize>, WireError> {
+        let len = self.varint()?;
+        let remaining = (self.buf.len() - self.at) as u64;
+        if len > remaining {
+            return Err(WireError("length past the end of the message"));
+        }
+        let start = self.at;
+        self.at += len as usize;
+        Ok(start..self.at)
+    }
+
+    /// Steps over an unknown field's value. Groups (deprecated, but prost skips
+    /// them too) are stepped over whole, nested ones included, without recursion.
+    pub(crate) fn skip(&mut self, field: u32, wire_type: u8) -> Result<(), WireError> {
+        let mut open_groups: Vec<u32> = Vec::new();
+        let (mut field, mut wire_type) = (field, wire_type);
+        loop {
+            match wire_type {
+                VARINT => {
+                    self.varint()?;
+                }
+                LEN => {
+                    self.len_delimited()?;
+                }
+                FIXED64 | FIXED32 => {
+                    let width = if wire_type == FIXED64 { 8 } else { 4 };
+                    if self.buf.len() - self.at < width {
+                        return Err(WireError("truncated fixed-width field"));
+                    }
+                    self.at += width;
+                }
+                START_GROUP if open_groups.len() < MAX_GROUP_DEPTH => open_groups.push(field),
+                START_GROUP => return Err(WireError("groups nested too deep")),
+                END_GROUP => {
+                    if open_groups.pop() != Some(field) {
+                        return Err(WireError("unmatched end of group"));
+                    }
+                }
+                _ => return Err(WireError("invalid wire type")),
+            }
+            if open_groups.is_empty() {
+                return Ok(());
+            }
+            (field, wire_type) = self.key()?;
+        }
+    }
+
+    /// Expects `wire_type` for a known field.
+    pub(crate) fn expect(wire_type: u8, wanted: u8) -> Result<(), WireError> {
+        if wire_type == wanted {
+            Ok(())
+        } else {
+            Err(WireError("a known field has the wrong wire type"))
+        }
+    }
+}
