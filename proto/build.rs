@@ -9,10 +9,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=switchyard/v1/broker.proto");
     tonic_prost_build::configure()
         .bytes(".switchyard.v1")
-        // Written by hand (src/batch.rs): the broker encodes deliveries itself.
+        // Written by hand (src/batch.rs): the broker writes deliveries itself.
         .extern_path(
             ".switchyard.v1.DeliveryBatch",
             "crate::batch::DeliveryBatch",
+        )
+        // Written by hand (src/publish.rs): the broker reads requests itself.
+        .extern_path(
+            ".switchyard.v1.PublishRequest",
+            "crate::publish::PublishRequest",
         )
         .compile_protos(&["switchyard/v1/broker.proto"], &["."])?;
     Ok(())

@@ -20,7 +20,7 @@ mod publish;
 mod read;
 mod wire;
 pub use batch::{DeliveryBatch, DeliveryFields, DeliveryWriter};
-pub use publish::{EncodedPublishRequest, PublishRecords, PublishWriter};
+pub use publish::{EncodedPublishRequest, PublishRecords, PublishRequest, PublishWriter};
 pub use read::{ReceivedDelivery, SubscriptionIds, Topic, read_deliveries};
 pub use wire::WireError;
 

@@ -386,7 +386,8 @@ fn read_delivery(
     Ok(delivery)
 }
 
-fn read_header(bytes: &[u8]) -> Result<(String, String), WireError> {
+/// Reads a `Header` message.
+pub(crate) fn read_header(bytes: &[u8]) -> Result<(String, String), WireError> {
     let mut input = In::new(bytes);
     let (mut key, mut value) = (0..0, 0..0);
     while !input.is_done() {
