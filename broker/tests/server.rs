@@ -150,6 +150,43 @@ async fn bad_requests_get_statuses_a_person_can_act_on() {
 }
 
 #[tokio::test]
+async fn a_request_that_asks_for_runs_is_answered_with_runs_of_the_same_positions() {
+    let broker = Broker::start().await;
+    let mut client = broker.client().await;
+    let records = || {
+        let mut records: Vec<pb::PublishRecord> =
+            (0..5).map(|i| record("guild.1", &i.to_string())).collect();
+        records.push(record("user.2", "x"));
+        records.push(record("guild.1", "5"));
+        records
+    };
+    let one_by_one = client
+        .publish(publish(1, records(), pb::AckLevel::Written))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(one_by_one.position_runs.is_empty());
+    let mut request = publish(2, records(), pb::AckLevel::Durable);
+    request.want_position_runs = true;
+    let mut runs = client
+        .publish_stream(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let runs = runs.message().await.unwrap().expect("an answer");
+    assert!(runs.positions.is_empty());
+    let epoch = |i: usize| one_by_one.positions[i].epoch;
+    let expected = [(6, epoch(0), 5), (1, epoch(5), 1), (11, epoch(0), 1)];
+    let got: Vec<_> = runs
+        .position_runs
+        .iter()
+        .map(|r| (r.offset, r.epoch, r.count))
+        .collect();
+    assert_eq!(got, expected);
+    broker.stop().await;
+}
+
+#[tokio::test]
 async fn pipelined_publishes_are_answered_in_order_and_refusals_do_not_end_the_stream() {
     let broker = Broker::start().await;
     let mut client = broker.client().await;

@@ -146,11 +146,8 @@ enum Replies {
 }
 
 impl Replies {
-    fn succeed(self, positions: Vec<pb::Position>) {
-        let positions = positions.into_iter().map(|p| Position {
-            offset: p.offset,
-            epoch: p.epoch,
-        });
+    fn succeed(self, positions: Vec<Position>) {
+        let positions = positions.into_iter();
         match self {
             Replies::Each(replies) => {
                 for (reply, position) in replies.into_iter().zip(positions) {
@@ -493,6 +490,8 @@ impl Batcher {
             ack,
             // A reference count: the records were written once, when queued.
             records: batch.records.clone(),
+            // One run per topic in the batch, rather than a position per record.
+            want_position_runs: true,
         }
     }
 
@@ -575,7 +574,10 @@ impl Batcher {
         match response.error {
             None => {
                 let batch = self.in_flight.remove(index).expect("found");
-                batch.replies.succeed(response.positions);
+                match positions(response, batch.records.len()) {
+                    Ok(positions) => batch.replies.succeed(positions),
+                    Err(error) => batch.replies.fail(error),
+                }
             }
             Some(error) => {
                 let code = tonic::Code::from_i32(error.code);
@@ -600,6 +602,42 @@ impl Batcher {
             }
         }
     }
+}
+
+/// The positions of a written batch of `count` records, from runs (or, from a
+/// broker that does not send runs, one by one).
+fn positions(response: pb::PublishResponse, count: usize) -> Result<Vec<Position>, ClientError> {
+    let answered = if response.position_runs.is_empty() {
+        response.positions.len() as u64
+    } else {
+        response
+            .position_runs
+            .iter()
+            .fold(0u64, |total, run| total.saturating_add(run.count))
+    };
+    if answered != count as u64 {
+        // The batch was written, but where is unknown: not worth a retry.
+        return Err(ClientError::Refused {
+            code: tonic::Code::Internal,
+            message: format!(
+                "the broker answered a batch of {count} records with {answered} positions"
+            ),
+        });
+    }
+    let mut positions = Vec::with_capacity(count);
+    if response.position_runs.is_empty() {
+        positions.extend(response.positions.iter().map(|p| Position {
+            offset: p.offset,
+            epoch: p.epoch,
+        }));
+    }
+    for run in &response.position_runs {
+        positions.extend((0..run.count).map(|i| Position {
+            offset: run.offset.wrapping_add(i),
+            epoch: run.epoch,
+        }));
+    }
+    Ok(positions)
 }
 
 /// The broker's topic name rules (docs/storage-format.md): 1 to 255 bytes of ASCII
@@ -655,5 +693,55 @@ async fn next_answer(
     match stream {
         Some((_, responses)) => responses.message().await.transpose(),
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(offset: u64, epoch: u64, count: u64) -> pb::PositionRun {
+        pb::PositionRun {
+            offset,
+            epoch,
+            count,
+        }
+    }
+
+    #[test]
+    fn positions_come_from_runs_or_one_by_one_and_a_wrong_count_is_an_error() {
+        let runs = pb::PublishResponse {
+            position_runs: vec![run(5, 1, 2), run(0, 3, 1)],
+            ..Default::default()
+        };
+        let expected = [(5, 1), (6, 1), (0, 3)].map(|(offset, epoch)| Position { offset, epoch });
+        assert_eq!(positions(runs.clone(), 3).unwrap(), expected);
+        let one_by_one = pb::PublishResponse {
+            positions: expected
+                .iter()
+                .map(|p| pb::Position {
+                    offset: p.offset,
+                    epoch: p.epoch,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(positions(one_by_one, 3).unwrap(), expected);
+        // Too few, too many, or a count that would not fit in memory: refused
+        // before anything is expanded.
+        for (response, count) in [
+            (runs.clone(), 4),
+            (runs, 2),
+            (
+                pb::PublishResponse {
+                    position_runs: vec![run(0, 1, u64::MAX), run(0, 1, 2)],
+                    ..Default::default()
+                },
+                1,
+            ),
+        ] {
+            let error = positions(response, count).unwrap_err();
+            assert!(!error.is_retryable(), "{error}");
+        }
     }
 }

@@ -42,6 +42,7 @@ mod tests {
                 payload: prost::bytes::Bytes::from_static(b"{}"),
             }],
             ack: AckLevel::Durable as i32,
+            want_position_runs: false,
         };
         let decoded = PublishRequest::decode(request.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded, request);

@@ -35,6 +35,8 @@ pub struct PublishRequest {
     pub records: Vec<PublishRecord>,
     /// An [`AckLevel`].
     pub ack: i32,
+    /// Answer with position runs instead of a position per record.
+    pub want_position_runs: bool,
 }
 
 impl PublishRequest {
@@ -54,6 +56,7 @@ impl fmt::Debug for PublishRequest {
             .field("request_id", &self.request_id)
             .field("records", &self.records)
             .field("ack", &self.ack())
+            .field("want_position_runs", &self.want_position_runs)
             .finish()
     }
 }
@@ -66,6 +69,9 @@ impl prost::Message for PublishRequest {
         encoding::message::encode_repeated(2, &self.records, buf);
         if self.ack != 0 {
             encoding::int32::encode(3, &self.ack, buf);
+        }
+        if self.want_position_runs {
+            encoding::bool::encode(4, &self.want_position_runs, buf);
         }
     }
 
@@ -91,6 +97,8 @@ impl prost::Message for PublishRequest {
             2 => encoding::message::merge_repeated(wire_type, &mut self.records, buf, ctx)
                 .map_err(field("records")),
             3 => encoding::int32::merge(wire_type, &mut self.ack, buf, ctx).map_err(field("ack")),
+            4 => encoding::bool::merge(wire_type, &mut self.want_position_runs, buf, ctx)
+                .map_err(field("want_position_runs")),
             _ => encoding::skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -107,6 +115,9 @@ impl prost::Message for PublishRequest {
                 }
                 if let Some(ack) = read.ack {
                     self.ack = ack;
+                }
+                if let Some(runs) = read.want_position_runs {
+                    self.want_position_runs = runs;
                 }
                 self.records.extend(read.records);
                 Ok(())
@@ -133,6 +144,11 @@ impl prost::Message for PublishRequest {
             } else {
                 0
             }
+            + if self.want_position_runs {
+                encoding::bool::encoded_len(4, &self.want_position_runs)
+            } else {
+                0
+            }
     }
 
     fn clear(&mut self) {
@@ -145,6 +161,7 @@ struct ReadRequest {
     request_id: Option<u64>,
     records: Vec<PublishRecord>,
     ack: Option<i32>,
+    want_position_runs: Option<bool>,
 }
 
 fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
@@ -153,6 +170,7 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
         request_id: None,
         records: Vec::new(),
         ack: None,
+        want_position_runs: None,
     };
     while !input.is_done() {
         let (field, wire_type) = input.key()?;
@@ -170,6 +188,10 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
                 In::expect(wire_type, VARINT)?;
                 // An int32 on the wire: the low 32 bits, as prost reads it.
                 read.ack = Some(input.varint()? as i32);
+            }
+            4 => {
+                In::expect(wire_type, VARINT)?;
+                read.want_position_runs = Some(input.varint()? != 0);
             }
             _ => input.skip(field, wire_type)?,
         }
@@ -218,6 +240,7 @@ fn read_record(message: &Bytes, range: std::ops::Range<usize>) -> Result<Publish
 const REQUEST_ID: u8 = 1 << 3;
 const RECORD: u8 = 2 << 3 | 2;
 const ACK: u8 = 3 << 3;
+const WANT_POSITION_RUNS: u8 = 4 << 3;
 const TOPIC: u8 = 1 << 3 | 2;
 const HEADER: u8 = 2 << 3 | 2;
 const PAYLOAD: u8 = 3 << 3 | 2;
@@ -323,6 +346,7 @@ pub struct EncodedPublishRequest {
     pub request_id: u64,
     pub ack: AckLevel,
     pub records: PublishRecords,
+    pub want_position_runs: bool,
 }
 
 impl EncodedPublishRequest {
@@ -330,6 +354,7 @@ impl EncodedPublishRequest {
         varint_field_len(self.request_id)
             + self.records.encoded.len()
             + varint_field_len(self.ack as i32 as u64)
+            + varint_field_len(u64::from(self.want_position_runs))
     }
 
     /// Writes the request (fields in order, zero values left out, as prost does).
@@ -344,6 +369,10 @@ impl EncodedPublishRequest {
             buf.put_u8(ACK);
             // An int32 field: negative values take ten bytes, as in prost.
             prost::encoding::encode_varint(ack as i64 as u64, buf);
+        }
+        if self.want_position_runs {
+            buf.put_u8(WANT_POSITION_RUNS);
+            buf.put_u8(1);
         }
     }
 }
@@ -384,20 +413,22 @@ mod tests {
             key: "type".into(),
             value: String::new(),
         });
-        for (request_id, ack) in [
-            (0, AckLevel::Unspecified),
-            (1, AckLevel::Written),
-            (u64::MAX, AckLevel::Durable),
+        for (request_id, ack, want_position_runs) in [
+            (0, AckLevel::Unspecified, false),
+            (1, AckLevel::Written, true),
+            (u64::MAX, AckLevel::Durable, true),
         ] {
             let written = EncodedPublishRequest {
                 request_id,
                 ack,
                 records: write(&records),
+                want_position_runs,
             };
             let generated = PublishRequest {
                 request_id,
                 records: records.clone(),
                 ack: ack as i32,
+                want_position_runs,
             };
             let mut bytes = Vec::new();
             written.encode(&mut bytes);
@@ -416,6 +447,8 @@ mod tests {
         records: Vec<PublishRecord>,
         #[prost(enumeration = "AckLevel", tag = "3")]
         ack: i32,
+        #[prost(bool, tag = "4")]
+        want_position_runs: bool,
     }
 
     /// The hand-written request decodes `bytes` exactly as prost's generated one:
@@ -428,6 +461,10 @@ mod tests {
                 assert_eq!(fast.request_id, generated.request_id, "{bytes:?}");
                 assert_eq!(fast.records, generated.records, "{bytes:?}");
                 assert_eq!(fast.ack, generated.ack, "{bytes:?}");
+                assert_eq!(
+                    fast.want_position_runs, generated.want_position_runs,
+                    "{bytes:?}"
+                );
             }
             (Err(fast), Err(generated)) => assert_eq!(
                 fast.to_string(),
@@ -449,6 +486,7 @@ mod tests {
             request_id: 300,
             records,
             ack: AckLevel::Durable as i32,
+            want_position_runs: true,
         };
         let bytes = request.encode_to_vec();
         assert_eq!(PublishRequest::decode(bytes.as_slice()).unwrap(), request);
@@ -498,6 +536,7 @@ mod tests {
             request_id: 1,
             ack: AckLevel::Written,
             records: second,
+            want_position_runs: false,
         }
         .encode(&mut bytes);
         let decoded = PublishRequest::decode(bytes.as_slice()).unwrap();

@@ -42,6 +42,45 @@ pub fn position(appended: &Appended) -> pb::Position {
     }
 }
 
+/// A batch's positions as runs of consecutive offsets in one epoch (a batch of one
+/// topic's records is one run). Any list of positions has exactly one such
+/// encoding, whatever topics the records are in.
+pub fn position_runs(appended: &[Appended]) -> Vec<pb::PositionRun> {
+    let mut runs: Vec<pb::PositionRun> = Vec::new();
+    for a in appended {
+        match runs.last_mut() {
+            Some(run)
+                if run.epoch == a.epoch && run.offset.checked_add(run.count) == Some(a.offset) =>
+            {
+                run.count += 1;
+            }
+            _ => runs.push(pb::PositionRun {
+                offset: a.offset,
+                epoch: a.epoch,
+                count: 1,
+            }),
+        }
+    }
+    runs
+}
+
+/// The answer to a written batch: a position per record, or runs if asked.
+pub fn publish_response(request_id: u64, appended: &[Appended], runs: bool) -> pb::PublishResponse {
+    if runs {
+        pb::PublishResponse {
+            request_id,
+            position_runs: position_runs(appended),
+            ..Default::default()
+        }
+    } else {
+        pb::PublishResponse {
+            request_id,
+            positions: appended.iter().map(position).collect(),
+            ..Default::default()
+        }
+    }
+}
+
 pub fn delivery(record: Record, subscription_ids: Vec<u64>) -> pb::Delivery {
     pb::Delivery {
         topic: record.topic,
@@ -168,5 +207,50 @@ pub fn topic_info(info: Option<TopicInfo>) -> pb::TopicInfoResponse {
             latest_timestamp_ms: info.latest_timestamp_ms,
         },
         None => pb::TopicInfoResponse::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_expand_to_exactly_the_positions_they_encode() {
+        let positions = [
+            (0, 1),
+            (1, 1),
+            (2, 1),
+            (9, 1),
+            (3, 1),
+            (4, 2),
+            (5, 2),
+            (5, 2),
+            (u64::MAX, 2),
+            (0, 2),
+        ];
+        let appended: Vec<Appended> = positions
+            .iter()
+            .map(|&(offset, epoch)| Appended { offset, epoch })
+            .collect();
+        let runs = position_runs(&appended);
+        let got: Vec<_> = runs.iter().map(|r| (r.offset, r.epoch, r.count)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, 1, 3),
+                (9, 1, 1),
+                (3, 1, 1),
+                (4, 2, 2),
+                (5, 2, 1),
+                (u64::MAX, 2, 1),
+                (0, 2, 1)
+            ]
+        );
+        let expanded: Vec<_> = runs
+            .iter()
+            .flat_map(|r| (0..r.count).map(|i| (r.offset + i, r.epoch)))
+            .collect();
+        assert_eq!(expanded, positions);
+        assert!(position_runs(&[]).is_empty());
     }
 }

@@ -111,11 +111,11 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + '
 fn refused(request_id: u64, error: &AppendError) -> pb::PublishResponse {
     pb::PublishResponse {
         request_id,
-        positions: Vec::new(),
         error: Some(pb::Error {
             code: append_code(error) as i32,
             message: error.to_string(),
         }),
+        ..Default::default()
     }
 }
 
@@ -126,18 +126,16 @@ impl pb::broker_server::Broker for BrokerService {
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let request = request.into_inner();
-        let request_id = request.request_id;
+        let (request_id, runs) = (request.request_id, request.want_position_runs);
         let (records, ack) = convert::publish_request(request);
         let appended = self
             .store
             .append_async(records, ack)
             .await
             .map_err(|e| append_status(&e))?;
-        Ok(Response::new(pb::PublishResponse {
-            request_id,
-            positions: appended.iter().map(convert::position).collect(),
-            error: None,
-        }))
+        Ok(Response::new(convert::publish_response(
+            request_id, &appended, runs,
+        )))
     }
 
     type PublishStreamStream = ResponseStream<pb::PublishResponse>;
@@ -168,11 +166,11 @@ impl pb::broker_server::Broker for BrokerService {
                         break;
                     }
                 };
-                let request_id = request.request_id;
+                let (request_id, runs) = (request.request_id, request.want_position_runs);
                 let (records, ack) = convert::publish_request(request);
                 let pending = store.submit_async(records, ack).await;
                 let handed = tokio::select! {
-                    handed = pending_tx.send((request_id, pending)) => handed.is_ok(),
+                    handed = pending_tx.send((request_id, runs, pending)) => handed.is_ok(),
                     () = crate::server::stopped(&mut stopping) => false,
                 };
                 if !handed {
@@ -182,14 +180,10 @@ impl pb::broker_server::Broker for BrokerService {
         });
         let mut stopping = self.stopping.subscribe();
         tokio::spawn(async move {
-            while let Some((request_id, pending)) = pending_rx.recv().await {
+            while let Some((request_id, runs, pending)) = pending_rx.recv().await {
                 let response = match pending {
                     Ok(pending) => match pending.wait_async().await {
-                        Ok(appended) => pb::PublishResponse {
-                            request_id,
-                            positions: appended.iter().map(convert::position).collect(),
-                            error: None,
-                        },
+                        Ok(appended) => convert::publish_response(request_id, &appended, runs),
                         Err(error) => refused(request_id, &error),
                     },
                     Err(error) => refused(request_id, &error),

@@ -94,5 +94,6 @@ pub fn publish(
         request_id,
         records,
         ack: ack as i32,
+        want_position_runs: false,
     }
 }
