@@ -4,6 +4,11 @@
 //!
 //! Payloads are `bytes::Bytes`, so records pass from the wire to storage and back
 //! without copies.
+//!
+//! The record path is written by hand, with the same bytes on the wire (see
+//! `docs/protocol.md`, Encoding): [`DeliveryBatch`] and [`DeliveryWriter`] (batch.rs),
+//! [`PublishRequest`], [`PublishWriter`] and [`EncodedPublishRequest`]
+//! (publish.rs), and [`read_deliveries`] (read.rs).
 
 #![allow(missing_debug_implementations)]
 
