@@ -52,10 +52,11 @@ impl Decoder for SubscribeDecoder {
         let message = src.copy_to_bytes(src.remaining());
         match read_deliveries(&message) {
             Ok(Some(deliveries)) => Ok(Some(Incoming::Deliveries(deliveries))),
-            Ok(None) => <pb::SubscribeResponse as prost::Message>::decode(message)
+            // Another event, or bytes the reader does not take: prost decides, so
+            // errors (and any case the reader does not cover) are prost's.
+            Ok(None) | Err(_) => <pb::SubscribeResponse as prost::Message>::decode(message)
                 .map(|response| Some(Incoming::Other(response)))
                 .map_err(|error| Status::internal(error.to_string())),
-            Err(error) => Err(Status::internal(error.to_string())),
         }
     }
 }

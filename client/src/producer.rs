@@ -48,6 +48,15 @@ impl Record {
         self
     }
 
+    /// Bytes of the record's wire form.
+    fn wire_len(&self) -> usize {
+        PublishWriter::record_len(
+            &self.topic,
+            self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &self.payload,
+        )
+    }
+
     fn size(&self) -> usize {
         self.topic.len()
             + self.payload.len()
@@ -318,23 +327,27 @@ impl Producer {
             check_record(record)?;
         }
         let mut parts = Vec::new();
-        // Room for the records' wire form: their bytes and a few of framing each.
-        let mut unwritten: usize = records.iter().map(|r| r.size() + 10).sum();
-        let mut records = records.into_iter().peekable();
-        while records.peek().is_some() {
-            let mut part = PublishWriter::with_capacity(
-                unwritten.min(self.max_batch_bytes + 10 * self.max_batch_records),
-            );
-            let mut bytes = 0;
-            while let Some(record) = records.next_if(|r| {
-                part.is_empty()
-                    || (part.len() < self.max_batch_records
-                        && bytes + r.size() <= self.max_batch_bytes)
-            }) {
+        let mut rest = records.as_slice();
+        while !rest.is_empty() {
+            // As many records as the batch limits allow (at least one), in a
+            // buffer of exactly their wire size.
+            let (mut count, mut bytes, mut wire) = (0, 0, 0);
+            for record in rest {
+                if count > 0
+                    && (count == self.max_batch_records
+                        || bytes + record.size() > self.max_batch_bytes)
+                {
+                    break;
+                }
+                count += 1;
                 bytes += record.size();
-                unwritten -= record.size() + 10;
+                wire += record.wire_len();
+            }
+            let mut part = PublishWriter::with_capacity(wire);
+            for record in &rest[..count] {
                 record.write_to(&mut part);
             }
+            rest = &rest[count..];
             let part = part.finish();
             let permits = part.len().min(self.queue_records) as u32;
             let permit = self
@@ -452,7 +465,8 @@ impl Batcher {
         if batch.is_empty() {
             return;
         }
-        let mut writer = PublishWriter::default();
+        let mut writer =
+            PublishWriter::with_capacity(batch.iter().map(|(record, _)| record.wire_len()).sum());
         let replies = batch
             .into_iter()
             .map(|(record, reply)| {

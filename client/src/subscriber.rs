@@ -43,8 +43,9 @@ pub enum Start {
     At(Position),
 }
 
-/// A delivered record. Its topic and payload share the buffer the broker's
-/// response arrived in (no copy); its subscription ids are held inline.
+/// A delivered record. Its payload shares the buffer the broker's response arrived
+/// in (no copy; keeping it keeps that buffer); its topic is one copy shared by the
+/// response's run of deliveries of that topic; its subscription ids are held inline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub topic: Topic,

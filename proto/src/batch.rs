@@ -190,7 +190,7 @@ impl DeliveryWriter {
                 out.varint(id);
             }
         }
-        debug_assert_eq!(out.at, total, "a delivery's size was computed wrong");
+        assert_eq!(out.at, total, "a delivery's size was computed wrong");
         self.count += 1;
     }
 

@@ -182,7 +182,7 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
             2 => {
                 In::expect(wire_type, LEN)?;
                 let record = input.len_delimited()?;
-                read.records.push(read_record(message, record)?);
+                read.records.push(read_record(message, &input, record)?);
             }
             3 => {
                 In::expect(wire_type, VARINT)?;
@@ -199,11 +199,15 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
     Ok(read)
 }
 
-/// Reads the `PublishRecord` at `range` of `message`; the payload is a slice of it.
-fn read_record(message: &Bytes, range: std::ops::Range<usize>) -> Result<PublishRecord, WireError> {
+/// Reads the `PublishRecord` at `range` of `parent` (which covers all of
+/// `message`); the payload is a slice of `message`.
+fn read_record(
+    message: &Bytes,
+    parent: &In<'_>,
+    range: std::ops::Range<usize>,
+) -> Result<PublishRecord, WireError> {
     let base = range.start;
-    let bytes = &message[range];
-    let mut input = In::new(bytes);
+    let mut input = parent.nested(range);
     let mut record = PublishRecord::default();
     let mut payload = 0..0;
     while !input.is_done() {
@@ -212,7 +216,7 @@ fn read_record(message: &Bytes, range: std::ops::Range<usize>) -> Result<Publish
             1 => {
                 In::expect(wire_type, LEN)?;
                 let topic = input.len_delimited()?;
-                let topic = std::str::from_utf8(&bytes[topic])
+                let topic = std::str::from_utf8(input.slice(topic))
                     .map_err(|_| WireError("topic is not UTF-8"))?;
                 record.topic.clear();
                 record.topic.push_str(topic);
@@ -220,7 +224,7 @@ fn read_record(message: &Bytes, range: std::ops::Range<usize>) -> Result<Publish
             2 => {
                 In::expect(wire_type, LEN)?;
                 let header = input.len_delimited()?;
-                let (key, value) = read_header(&bytes[header])?;
+                let (key, value) = read_header(input.nested(header))?;
                 record.headers.push(Header { key, value });
             }
             3 => {
@@ -295,20 +299,22 @@ impl PublishWriter {
         self.count == 0
     }
 
+    /// Bytes a record takes in [`PublishRecords`] (to size a writer).
+    pub fn record_len<'a>(
+        topic: &str,
+        headers: impl Iterator<Item = (&'a str, &'a str)>,
+        payload: &[u8],
+    ) -> usize {
+        let len = record_body_len(topic, headers, payload);
+        1 + encoded_len_varint(len as u64) + len
+    }
+
     /// Appends one record. `headers` is walked twice (to size, then to write).
     pub fn push<'a, H>(&mut self, topic: &str, headers: H, payload: &[u8])
     where
         H: Iterator<Item = (&'a str, &'a str)> + Clone,
     {
-        let headers_len: usize = headers
-            .clone()
-            .map(|(key, value)| {
-                // Always there, even empty: a key and a length.
-                let len = header_len(key, value);
-                1 + encoded_len_varint(len as u64) + len
-            })
-            .sum();
-        let len = bytes_field_len(topic.len()) + headers_len + bytes_field_len(payload.len());
+        let len = record_body_len(topic, headers.clone(), payload);
         let total = 1 + encoded_len_varint(len as u64) + len;
         let start = self.buf.len();
         self.buf.resize(start + total, 0);
@@ -326,7 +332,7 @@ impl PublishWriter {
             out.bytes_field(HEADER_VALUE, value.as_bytes());
         }
         out.bytes_field(PAYLOAD, payload);
-        debug_assert_eq!(out.at, total, "a record's size was computed wrong");
+        assert_eq!(out.at, total, "a record's size was computed wrong");
         self.count += 1;
     }
 
@@ -338,6 +344,22 @@ impl PublishWriter {
             count,
         }
     }
+}
+
+/// Bytes of a `PublishRecord` message, without its key and length.
+fn record_body_len<'a>(
+    topic: &str,
+    headers: impl Iterator<Item = (&'a str, &'a str)>,
+    payload: &[u8],
+) -> usize {
+    let headers_len: usize = headers
+        .map(|(key, value)| {
+            // Always there, even empty: a key and a length.
+            let len = header_len(key, value);
+            1 + encoded_len_varint(len as u64) + len
+        })
+        .sum();
+    bytes_field_len(topic.len()) + headers_len + bytes_field_len(payload.len())
 }
 
 /// A `PublishRequest` whose records are already written.
@@ -520,6 +542,42 @@ mod tests {
                 decodes_as_prost(&changed);
             }
         }
+    }
+
+    #[test]
+    fn every_occurrence_of_a_string_is_checked_and_groups_nest_only_as_deep_as_prost_allows() {
+        let field = |key: u8, body: &[u8]| {
+            let mut out = vec![key];
+            prost::encoding::encode_varint(body.len() as u64, &mut out);
+            out.extend_from_slice(body);
+            out
+        };
+        let one_record = |record: &[u8]| field(2 << 3 | 2, record);
+        let mut topics = field(1 << 3 | 2, b"\xff");
+        topics.extend(field(1 << 3 | 2, b"g.1"));
+        assert!(!decodes_as_prost(&one_record(&topics)));
+        let mut values = field(2 << 3 | 2, b"\xff");
+        values.extend(field(2 << 3 | 2, b"v"));
+        assert!(!decodes_as_prost(&one_record(&field(2 << 3 | 2, &values))));
+        let groups = |depth: usize| {
+            let mut out = vec![15 << 3 | 3; depth];
+            out.extend_from_slice(&[15 << 3, 1]);
+            out.extend(std::iter::repeat_n(15 << 3 | 4, depth));
+            out
+        };
+        // A record's unknown fields are 1 message deep, a header's 2.
+        assert!(decodes_as_prost(&one_record(&groups(98))));
+        assert!(!decodes_as_prost(&one_record(&groups(99))));
+        assert!(decodes_as_prost(&one_record(&field(
+            2 << 3 | 2,
+            &groups(97)
+        ))));
+        assert!(!decodes_as_prost(&one_record(&field(
+            2 << 3 | 2,
+            &groups(98)
+        ))));
+        // Those that decode were read the fast way.
+        assert!(read_request(&Bytes::from(one_record(&groups(98)))).is_ok());
     }
 
     #[test]

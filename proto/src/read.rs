@@ -4,11 +4,13 @@
 //! its topic and subscription ids in fresh allocations, reading every field through
 //! the receive buffer's generic cursor. A gateway edge receives every event of its
 //! guilds, so that was most of what a subscriber's CPU went to. Here a delivery's
-//! topic and payload are slices of the received message (one reference count
-//! each, no copy), and its ids (almost always one) are held inline.
+//! payload is a slice of the received message (a reference count, no copy), its
+//! topic one small copy shared by each run of deliveries of that topic, and its ids
+//! (almost always one) are held inline.
 //!
 //! What is accepted is what prost accepts for the same bytes: fields in any order,
-//! repeated scalars last-wins, ids packed or not, unknown fields skipped. Anything
+//! repeated scalars last-wins (every occurrence of a string checked), ids packed or
+//! not, unknown fields and groups skipped up to prost's recursion limit. Anything
 //! other than a batch of deliveries (a subscription update, an empty event) is left
 //! to prost: [`read_deliveries`] returns `None` for it.
 
@@ -21,7 +23,8 @@ use prost::bytes::Bytes;
 
 use crate::wire::{In, LEN, VARINT, WireError};
 
-/// A topic name that shares the buffer it was received in. Reads as a `&str`.
+/// A topic name; cheap to clone (deliveries of one topic share one copy). Reads as a
+/// `&str`.
 #[derive(Clone, Default)]
 pub struct Topic(Bytes);
 
@@ -36,6 +39,12 @@ impl Topic {
         // SAFETY: every constructor checks UTF-8 (`from_utf8`) or starts from a
         // `str`, and the bytes never change.
         unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl Topic {
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -285,6 +294,7 @@ pub struct ReceivedDelivery {
 pub fn read_deliveries(message: &Bytes) -> Result<Option<Vec<ReceivedDelivery>>, WireError> {
     let mut input = In::new(message);
     let mut deliveries: Option<Vec<ReceivedDelivery>> = None;
+    let mut topics = TopicCache::default();
     while !input.is_done() {
         let (field, wire_type) = input.key()?;
         match field {
@@ -292,7 +302,8 @@ pub fn read_deliveries(message: &Bytes) -> Result<Option<Vec<ReceivedDelivery>>,
             1 => {
                 In::expect(wire_type, LEN)?;
                 let batch = input.len_delimited()?;
-                read_batch(message, batch, deliveries.get_or_insert_with(Vec::new))?;
+                let deliveries = deliveries.get_or_insert_with(Vec::new);
+                read_batch(message, &input, batch, deliveries, &mut topics)?;
             }
             // `update`, or an event this reader does not know: prost decides.
             2 => return Ok(None),
@@ -302,20 +313,45 @@ pub fn read_deliveries(message: &Bytes) -> Result<Option<Vec<ReceivedDelivery>>,
     Ok(deliveries)
 }
 
-/// Reads the `DeliveryBatch` at `range` of `message`.
+/// The topic of the delivery before. A batch's deliveries mostly share a topic
+/// (a guild's events in a row), and each run of them shares one small copy of the
+/// name: a topic kept by the application does not keep the whole response alive,
+/// and a name is checked for UTF-8 once per run.
+#[derive(Default)]
+struct TopicCache(Option<Topic>);
+
+impl TopicCache {
+    fn get(&mut self, name: &[u8]) -> Result<Topic, WireError> {
+        if let Some(topic) = &self.0
+            && topic.as_bytes() == name
+        {
+            return Ok(topic.clone());
+        }
+        let name = std::str::from_utf8(name).map_err(|_| WireError("topic is not UTF-8"))?;
+        let topic = Topic::from(name);
+        self.0 = Some(topic.clone());
+        Ok(topic)
+    }
+}
+
+/// Reads the `DeliveryBatch` at `range` of `parent` (which starts at byte 0 of
+/// `message`).
 fn read_batch(
     message: &Bytes,
+    parent: &In<'_>,
     range: std::ops::Range<usize>,
     deliveries: &mut Vec<ReceivedDelivery>,
+    topics: &mut TopicCache,
 ) -> Result<(), WireError> {
     let base = range.start;
-    let mut input = In::new(&message[range]);
+    let mut input = parent.nested(range);
     while !input.is_done() {
         let (field, wire_type) = input.key()?;
         if field == 1 {
             In::expect(wire_type, LEN)?;
             let at = input.len_delimited()?;
-            deliveries.push(read_delivery(message, base + at.start..base + at.end)?);
+            let delivery = read_delivery(message, &input, base, at, topics)?;
+            deliveries.push(delivery);
         } else {
             input.skip(field, wire_type)?;
         }
@@ -323,23 +359,27 @@ fn read_batch(
     Ok(())
 }
 
-/// Reads the `Delivery` at `range` of `message`.
+/// Reads the `Delivery` at `range` of `parent`, which starts at byte `base` of
+/// `message`.
 fn read_delivery(
     message: &Bytes,
+    parent: &In<'_>,
+    base: usize,
     range: std::ops::Range<usize>,
+    topics: &mut TopicCache,
 ) -> Result<ReceivedDelivery, WireError> {
-    let base = range.start;
-    let bytes = &message[range];
-    let mut input = In::new(bytes);
+    let base = base + range.start;
+    let mut input = parent.nested(range);
     let mut delivery = ReceivedDelivery::default();
-    let mut topic = 0..0;
     let mut payload = 0..0;
     while !input.is_done() {
         let (field, wire_type) = input.key()?;
         match field {
             1 => {
                 In::expect(wire_type, LEN)?;
-                topic = input.len_delimited()?;
+                // Every occurrence is checked, as prost checks it; the last counts.
+                let topic = input.len_delimited()?;
+                delivery.topic = topics.get(input.slice(topic))?;
             }
             2 => {
                 In::expect(wire_type, VARINT)?;
@@ -356,7 +396,7 @@ fn read_delivery(
             5 => {
                 In::expect(wire_type, LEN)?;
                 let header = input.len_delimited()?;
-                delivery.headers.push(read_header(&bytes[header])?);
+                delivery.headers.push(read_header(input.nested(header))?);
             }
             6 => {
                 In::expect(wire_type, LEN)?;
@@ -365,7 +405,7 @@ fn read_delivery(
             7 => match wire_type {
                 LEN => {
                     let packed = input.len_delimited()?;
-                    let mut ids = In::new(&bytes[packed]);
+                    let mut ids = input.nested(packed);
                     while !ids.is_done() {
                         delivery.subscription_ids.push(ids.varint()?);
                     }
@@ -376,40 +416,34 @@ fn read_delivery(
             _ => input.skip(field, wire_type)?,
         }
     }
-    if !topic.is_empty() {
-        delivery.topic = Topic::from_utf8(message.slice(base + topic.start..base + topic.end))
-            .map_err(|_| WireError("topic is not UTF-8"))?;
-    }
     if !payload.is_empty() {
         delivery.payload = message.slice(base + payload.start..base + payload.end);
     }
     Ok(delivery)
 }
 
-/// Reads a `Header` message.
-pub(crate) fn read_header(bytes: &[u8]) -> Result<(String, String), WireError> {
-    let mut input = In::new(bytes);
-    let (mut key, mut value) = (0..0, 0..0);
+/// Reads a `Header` message (`input` covers exactly it).
+pub(crate) fn read_header(mut input: In<'_>) -> Result<(String, String), WireError> {
+    let (mut key, mut value) = (String::new(), String::new());
     while !input.is_done() {
         let (field, wire_type) = input.key()?;
-        match field {
-            1 => {
-                In::expect(wire_type, LEN)?;
-                key = input.len_delimited()?;
+        let target = match field {
+            1 => &mut key,
+            2 => &mut value,
+            _ => {
+                input.skip(field, wire_type)?;
+                continue;
             }
-            2 => {
-                In::expect(wire_type, LEN)?;
-                value = input.len_delimited()?;
-            }
-            _ => input.skip(field, wire_type)?,
-        }
+        };
+        In::expect(wire_type, LEN)?;
+        // Every occurrence is checked, as prost checks it; the last counts.
+        let range = input.len_delimited()?;
+        let text = std::str::from_utf8(input.slice(range))
+            .map_err(|_| WireError("header is not UTF-8"))?;
+        target.clear();
+        target.push_str(text);
     }
-    let text = |range: std::ops::Range<usize>| {
-        std::str::from_utf8(&bytes[range])
-            .map(str::to_owned)
-            .map_err(|_| WireError("header is not UTF-8"))
-    };
-    Ok((text(key)?, text(value)?))
+    Ok((key, value))
 }
 
 #[cfg(test)]
@@ -557,6 +591,66 @@ mod tests {
                 let _ = agrees_with_prost(&changed);
             }
         }
+    }
+
+    fn field(key: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![key];
+        prost::encoding::encode_varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// A response with one delivery whose body is `delivery`.
+    fn one_delivery(delivery: &[u8]) -> Vec<u8> {
+        field(1 << 3 | 2, &field(1 << 3 | 2, delivery))
+    }
+
+    /// An unknown field 15 made of `depth` nested groups around a varint.
+    fn groups(depth: usize) -> Vec<u8> {
+        let mut out = vec![15 << 3 | 3; depth];
+        out.extend_from_slice(&[15 << 3, 1]);
+        out.extend(std::iter::repeat_n(15 << 3 | 4, depth));
+        out
+    }
+
+    #[test]
+    fn every_occurrence_of_a_string_is_checked_and_groups_nest_only_as_deep_as_prost_allows() {
+        // A bad name, then a good one: prost refuses the message, and so must we.
+        let mut topics = field(1 << 3 | 2, b"\xff");
+        topics.extend(field(1 << 3 | 2, b"g.1"));
+        assert!(agrees_with_prost(&one_delivery(&topics)).is_err());
+        let mut keys = field(1 << 3 | 2, b"\xff");
+        keys.extend(field(1 << 3 | 2, b"k"));
+        assert!(agrees_with_prost(&one_delivery(&field(5 << 3 | 2, &keys))).is_err());
+        // A delivery's unknown fields are 3 messages deep: 97 groups are fine, 98
+        // are not; in a header (4 deep), 96 and 97.
+        let read = |depth| agrees_with_prost(&one_delivery(&groups(depth)));
+        assert!(read(97).unwrap().is_some());
+        assert!(read(98).is_err());
+        let header = |depth| agrees_with_prost(&one_delivery(&field(5 << 3 | 2, &groups(depth))));
+        assert!(header(96).unwrap().is_some());
+        assert!(header(97).is_err());
+        // The top level: 99 and 100.
+        assert_eq!(agrees_with_prost(&groups(99)), Ok(None));
+        assert!(agrees_with_prost(&groups(100)).is_err());
+    }
+
+    #[test]
+    fn a_topic_is_a_copy_shared_by_its_run_not_a_slice_of_the_response() {
+        let deliveries: Vec<Delivery> = (0..3)
+            .map(|i| Delivery {
+                topic: if i == 2 { "guild.2" } else { "guild.1" }.into(),
+                offset: i,
+                ..Default::default()
+            })
+            .collect();
+        let read = read_deliveries(&Bytes::from(response(deliveries)))
+            .unwrap()
+            .unwrap();
+        let (first, second) = (read[0].topic.as_bytes(), read[1].topic.as_bytes());
+        assert_eq!(first.as_ptr(), second.as_ptr(), "one copy per run");
+        assert_ne!(first.as_ptr(), read[2].topic.as_bytes().as_ptr());
+        assert_eq!(read[2].topic, "guild.2");
     }
 
     #[test]

@@ -85,19 +85,36 @@ pub(crate) const START_GROUP: u8 = 3;
 pub(crate) const END_GROUP: u8 = 4;
 pub(crate) const FIXED32: u8 = 5;
 
-/// Nesting prost allows for groups, too.
-const MAX_GROUP_DEPTH: usize = 100;
+/// prost's recursion limit: in a top-level message, fields may sit at most this
+/// deep, counting each level of message and each unknown group around them.
+pub(crate) const RECURSION_LIMIT: u32 = 100;
 
 /// A cursor reading fields from one whole message held in a slice.
 #[derive(Debug)]
 pub(crate) struct In<'a> {
     buf: &'a [u8],
     at: usize,
+    /// What is left of [`RECURSION_LIMIT`] at this message's level.
+    depth: u32,
 }
 
 impl<'a> In<'a> {
+    /// A top-level message.
     pub(crate) fn new(buf: &'a [u8]) -> In<'a> {
-        In { buf, at: 0 }
+        In {
+            buf,
+            at: 0,
+            depth: RECURSION_LIMIT,
+        }
+    }
+
+    /// A message nested in this one: one level less to spend on groups.
+    pub(crate) fn nested(&self, range: std::ops::Range<usize>) -> In<'a> {
+        In {
+            buf: &self.buf[range],
+            at: 0,
+            depth: self.depth.saturating_sub(1),
+        }
     }
 
     pub(crate) fn is_done(&self) -> bool {
@@ -149,11 +166,16 @@ impl<'a> In<'a> {
     }
 
     /// Steps over an unknown field's value. Groups (deprecated, but prost skips
-    /// them too) are stepped over whole, nested ones included, without recursion.
+    /// them too) are stepped over whole, nested ones included, without recursion;
+    /// as in prost, a field inside as many groups as the message has depth left is
+    /// an error.
     pub(crate) fn skip(&mut self, field: u32, wire_type: u8) -> Result<(), WireError> {
         let mut open_groups: Vec<u32> = Vec::new();
         let (mut field, mut wire_type) = (field, wire_type);
         loop {
+            if wire_type != END_GROUP && open_groups.len() as u32 >= self.depth {
+                return Err(WireError("nested too deep (recursion limit)"));
+            }
             match wire_type {
                 VARINT => {
                     self.varint()?;
@@ -168,8 +190,7 @@ impl<'a> In<'a> {
                     }
                     self.at += width;
                 }
-                START_GROUP if open_groups.len() < MAX_GROUP_DEPTH => open_groups.push(field),
-                START_GROUP => return Err(WireError("groups nested too deep")),
+                START_GROUP => open_groups.push(field),
                 END_GROUP => {
                     if open_groups.pop() != Some(field) {
                         return Err(WireError("unmatched end of group"));
@@ -182,6 +203,11 @@ impl<'a> In<'a> {
             }
             (field, wire_type) = self.key()?;
         }
+    }
+
+    /// The bytes at `range` of this message.
+    pub(crate) fn slice(&self, range: std::ops::Range<usize>) -> &'a [u8] {
+        &self.buf[range]
     }
 
     /// Expects `wire_type` for a known field.

@@ -43,8 +43,8 @@ pub fn position(appended: &Appended) -> pb::Position {
 }
 
 /// A batch's positions as runs of consecutive offsets in one epoch (a batch of one
-/// topic's records is one run). Any list of positions has exactly one such
-/// encoding, whatever topics the records are in.
+/// topic's records is one run), each as long as it can be. Expanding the runs gives
+/// back exactly the list, whatever topics the records are in.
 pub fn position_runs(appended: &[Appended]) -> Vec<pb::PositionRun> {
     let mut runs: Vec<pb::PositionRun> = Vec::new();
     for a in appended {
