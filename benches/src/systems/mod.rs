@@ -269,7 +269,17 @@ impl Systems {
     }
 
     /// Gets `kind` ready for a new scenario (JetStream: an empty stream).
+    /// Readies a measurement of `kind`: the page cache's dirty data is written out
+    /// first (`sync`), so that no system pays for the writeback of the one measured
+    /// before it. A Switchyard run leaves gigabytes of it (3 s at 2M records/s), and
+    /// the next run's syncs (Switchyard's durable acknowledgements, JetStream's)
+    /// would otherwise wait behind it.
     pub async fn prepare(&self, kind: Kind) -> Result<()> {
+        let synced =
+            tokio::task::spawn_blocking(|| std::process::Command::new("sync").status()).await??;
+        if !synced.success() {
+            anyhow::bail!("sync failed: {synced}");
+        }
         if kind == Kind::JetStream {
             nats::reset_stream(&self.peers()?.nats_url).await?;
         }
