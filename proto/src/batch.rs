@@ -18,7 +18,7 @@ use prost::DecodeError;
 use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::encoding::{self, DecodeContext, WireType, encoded_len_varint};
 
-use crate::wire::{Out, bytes_field_len, header_len, varint_field_len};
+use crate::wire::{Out, bytes_field_len, header_field_len, varint_field_len};
 
 use crate::v1::Delivery;
 
@@ -115,8 +115,6 @@ const TIMESTAMP: u8 = 4 << 3;
 const HEADER: u8 = 5 << 3 | 2;
 const PAYLOAD: u8 = 6 << 3 | 2;
 const SUBSCRIPTION_IDS: u8 = 7 << 3 | 2;
-const HEADER_KEY: u8 = 1 << 3 | 2;
-const HEADER_VALUE: u8 = 2 << 3 | 2;
 
 impl DeliveryWriter {
     pub fn new() -> DeliveryWriter {
@@ -150,11 +148,7 @@ impl DeliveryWriter {
         let headers_len: usize = delivery
             .headers
             .clone()
-            .map(|(key, value)| {
-                // Always there, even empty: a key and a length.
-                let len = header_len(key, value);
-                1 + encoded_len_varint(len as u64) + len
-            })
+            .map(|(key, value)| header_field_len(key, value))
             .sum();
         let len = bytes_field_len(delivery.topic.len())
             + varint_field_len(delivery.offset)
@@ -163,24 +157,13 @@ impl DeliveryWriter {
             + headers_len
             + bytes_field_len(delivery.payload.len())
             + bytes_field_len(ids_len);
-        let total = 1 + encoded_len_varint(len as u64) + len;
-        let start = self.buf.len();
-        self.buf.resize(start + total, 0);
-        let mut out = Out {
-            buf: &mut self.buf[start..],
-            at: 0,
-        };
-        out.byte(BATCH_DELIVERY);
-        out.varint(len as u64);
+        let mut out = Out::append(&mut self.buf, BATCH_DELIVERY, len);
         out.bytes_field(TOPIC, delivery.topic.as_bytes());
         out.varint_field(OFFSET, delivery.offset);
         out.varint_field(EPOCH, delivery.epoch);
         out.varint_field(TIMESTAMP, delivery.timestamp_ms);
         for (key, value) in delivery.headers {
-            out.byte(HEADER);
-            out.varint(header_len(key, value) as u64);
-            out.bytes_field(HEADER_KEY, key.as_bytes());
-            out.bytes_field(HEADER_VALUE, value.as_bytes());
+            out.header(HEADER, key, value);
         }
         out.bytes_field(PAYLOAD, delivery.payload);
         if ids_len > 0 {
@@ -190,7 +173,7 @@ impl DeliveryWriter {
                 out.varint(id);
             }
         }
-        assert_eq!(out.at, total, "a delivery's size was computed wrong");
+        out.finish("a delivery");
         self.count += 1;
     }
 

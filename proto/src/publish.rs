@@ -19,11 +19,14 @@ use std::fmt;
 
 use prost::DecodeError;
 use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost::encoding::{self, DecodeContext, WireType, encoded_len_varint};
+use prost::encoding::{self, DecodeContext, WireType};
 
 use crate::read::read_header;
 use crate::v1::{AckLevel, Header, PublishRecord};
-use crate::wire::{In, LEN, Out, VARINT, WireError, bytes_field_len, header_len, varint_field_len};
+use crate::wire::{
+    In, LEN, Out, VARINT, WireError, bytes_field_len, header_field_len, message_field_len,
+    varint_field_len,
+};
 
 /// A batch of records to append (`switchyard.v1.PublishRequest`).
 #[derive(Clone, PartialEq, Default)]
@@ -248,8 +251,6 @@ const WANT_POSITION_RUNS: u8 = 4 << 3;
 const TOPIC: u8 = 1 << 3 | 2;
 const HEADER: u8 = 2 << 3 | 2;
 const PAYLOAD: u8 = 3 << 3 | 2;
-const HEADER_KEY: u8 = 1 << 3 | 2;
-const HEADER_VALUE: u8 = 2 << 3 | 2;
 
 /// Records in the wire form of `PublishRequest.records`. Cheap to clone.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -305,8 +306,7 @@ impl PublishWriter {
         headers: impl Iterator<Item = (&'a str, &'a str)>,
         payload: &[u8],
     ) -> usize {
-        let len = record_body_len(topic, headers, payload);
-        1 + encoded_len_varint(len as u64) + len
+        message_field_len(record_body_len(topic, headers, payload))
     }
 
     /// Appends one record. `headers` is walked twice (to size, then to write).
@@ -315,24 +315,13 @@ impl PublishWriter {
         H: Iterator<Item = (&'a str, &'a str)> + Clone,
     {
         let len = record_body_len(topic, headers.clone(), payload);
-        let total = 1 + encoded_len_varint(len as u64) + len;
-        let start = self.buf.len();
-        self.buf.resize(start + total, 0);
-        let mut out = Out {
-            buf: &mut self.buf[start..],
-            at: 0,
-        };
-        out.byte(RECORD);
-        out.varint(len as u64);
+        let mut out = Out::append(&mut self.buf, RECORD, len);
         out.bytes_field(TOPIC, topic.as_bytes());
         for (key, value) in headers {
-            out.byte(HEADER);
-            out.varint(header_len(key, value) as u64);
-            out.bytes_field(HEADER_KEY, key.as_bytes());
-            out.bytes_field(HEADER_VALUE, value.as_bytes());
+            out.header(HEADER, key, value);
         }
         out.bytes_field(PAYLOAD, payload);
-        assert_eq!(out.at, total, "a record's size was computed wrong");
+        out.finish("a record");
         self.count += 1;
     }
 
@@ -353,11 +342,7 @@ fn record_body_len<'a>(
     payload: &[u8],
 ) -> usize {
     let headers_len: usize = headers
-        .map(|(key, value)| {
-            // Always there, even empty: a key and a length.
-            let len = header_len(key, value);
-            1 + encoded_len_varint(len as u64) + len
-        })
+        .map(|(key, value)| header_field_len(key, value))
         .sum();
     bytes_field_len(topic.len()) + headers_len + bytes_field_len(payload.len())
 }

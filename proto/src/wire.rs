@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use prost::bytes::BytesMut;
 use prost::encoding::encoded_len_varint;
 
 /// Bytes of a length-delimited field with a one-byte key, left out when empty.
@@ -28,13 +29,57 @@ pub(crate) fn header_len(key: &str, value: &str) -> usize {
     bytes_field_len(key.len()) + bytes_field_len(value.len())
 }
 
+/// Bytes of a message field (one-byte key) holding `len` bytes; written even when
+/// empty.
+pub(crate) fn message_field_len(len: usize) -> usize {
+    1 + encoded_len_varint(len as u64) + len
+}
+
+/// Bytes of a `Header` field.
+pub(crate) fn header_field_len(key: &str, value: &str) -> usize {
+    message_field_len(header_len(key, value))
+}
+
+// A `Header`'s field keys.
+const HEADER_KEY: u8 = 1 << 3 | 2;
+const HEADER_VALUE: u8 = 2 << 3 | 2;
+
 /// A cursor over a zeroed region sized exactly for what is written into it.
 pub(crate) struct Out<'a> {
-    pub(crate) buf: &'a mut [u8],
-    pub(crate) at: usize,
+    buf: &'a mut [u8],
+    at: usize,
 }
 
 impl Out<'_> {
+    /// Appends a message field with `key` holding `len` bytes to `buf`, zeroed, and
+    /// returns a cursor over it with the key and length written: what follows must
+    /// fill it exactly ([`Out::finish`] checks).
+    pub(crate) fn append(buf: &mut BytesMut, key: u8, len: usize) -> Out<'_> {
+        let start = buf.len();
+        buf.resize(start + message_field_len(len), 0);
+        let mut out = Out {
+            buf: &mut buf[start..],
+            at: 0,
+        };
+        out.byte(key);
+        out.varint(len as u64);
+        out
+    }
+
+    /// Writes a `Header` field with `field_key`.
+    pub(crate) fn header(&mut self, field_key: u8, key: &str, value: &str) {
+        self.byte(field_key);
+        self.varint(header_len(key, value) as u64);
+        self.bytes_field(HEADER_KEY, key.as_bytes());
+        self.bytes_field(HEADER_VALUE, value.as_bytes());
+    }
+
+    /// Checks that the field was filled exactly: a size computed wrong would leave
+    /// zeroes (or panic on the way).
+    pub(crate) fn finish(self, what: &str) {
+        assert_eq!(self.at, self.buf.len(), "{what}'s size was computed wrong");
+    }
+
     pub(crate) fn byte(&mut self, byte: u8) {
         self.buf[self.at] = byte;
         self.at += 1;
