@@ -549,21 +549,17 @@ impl Dispatcher {
         for delivery in deliveries {
             let delivery: Delivery = delivery.into();
             let next = delivery.next_position();
-            match delivery.subscription_ids.as_slice() {
-                [id] if run.is_some_and(|(run_id, _)| run_id == *id) => run = Some((*id, next)),
-                ids => {
-                    if let Some((id, position)) = run.take() {
-                        self.resume_at(id, position);
-                    }
-                    match ids {
-                        [id] => run = Some((*id, next)),
-                        ids => {
-                            for &id in ids {
-                                self.resume_at(id, next);
-                            }
-                        }
-                    }
-                }
+            let ids = delivery.subscription_ids.as_slice();
+            // A run ends at a delivery that is not for its subscription alone.
+            if let Some((run_id, position)) = run
+                && ids != [run_id]
+            {
+                self.resume_at(run_id, position);
+                run = None;
+            }
+            match ids {
+                [id] => run = Some((*id, next)),
+                ids => ids.iter().for_each(|&id| self.resume_at(id, next)),
             }
             events.push(SubscriberEvent::Delivery(delivery));
         }
@@ -581,5 +577,63 @@ impl Dispatcher {
     /// Hands events to the application; false when it is gone.
     async fn emit(&self, events: Vec<SubscriberEvent>) -> bool {
         events.is_empty() || self.events.send(events).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn each_subscription_resumes_after_its_own_last_delivery_whatever_the_interleaving() {
+        // No connection is made: only the dispatcher's bookkeeping runs.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let (events, _receiver) = mpsc::channel(1);
+        let mut dispatcher = Dispatcher {
+            grpc: Grpc::new(channel),
+            entries: HashMap::new(),
+            events,
+            stream: None,
+        };
+        for id in 1..=4 {
+            let entry = Entry {
+                topic: format!("guild.{id}"),
+                start: Start::Earliest,
+                filter: String::new(),
+                context: HashMap::new(),
+                resume: None,
+                removing: false,
+            };
+            dispatcher.entries.insert(id, entry);
+        }
+        // Runs of one subscription, a run cut by another's, a delivery for two, and
+        // subscription 2's last delivery in the middle of the batch.
+        let sent: [(&[u64], u64); 8] = [
+            (&[1], 0),
+            (&[1], 1),
+            (&[2], 0),
+            (&[2], 1),
+            (&[1], 2),
+            (&[3, 4], 7),
+            (&[1], 3),
+            (&[4], 8),
+        ];
+        let deliveries = sent.iter().map(|&(ids, offset)| Delivery {
+            topic: "t".into(),
+            offset,
+            epoch: 5,
+            timestamp_ms: 0,
+            headers: Vec::new(),
+            payload: Bytes::new(),
+            subscription_ids: ids.to_vec().into(),
+        });
+        let mut events = Vec::new();
+        dispatcher.deliveries(deliveries, &mut events);
+        assert_eq!(events.len(), sent.len());
+        let resume = |id: u64| dispatcher.entries[&id].resume.map(|p| (p.offset, p.epoch));
+        assert_eq!(
+            [resume(1), resume(2), resume(3), resume(4)],
+            [Some((4, 5)), Some((2, 5)), Some((8, 5)), Some((9, 5))]
+        );
     }
 }
