@@ -215,7 +215,18 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     systems.switchyard = None;
     let mut results = result?;
-    results.command = std::env::args().collect::<Vec<_>>().join(" ");
+    // The broker takes settings from SWITCHYARD_* variables too: they are part of
+    // the command that reproduces the run.
+    let mut settings: Vec<String> = std::env::vars()
+        .filter(|(name, _)| name.starts_with("SWITCHYARD_") && name != "SWITCHYARD_BIN")
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    settings.sort();
+    results.command = settings
+        .into_iter()
+        .chain(std::env::args())
+        .collect::<Vec<_>>()
+        .join(" ");
     results.write(&args.out)?;
     print!("{}", results.markdown());
     eprintln!("results in {}", args.out.display());

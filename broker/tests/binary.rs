@@ -376,3 +376,26 @@ fn filters_from_the_command_line_check_test_reload_and_filter() {
         "the old version keeps serving: {out}"
     );
 }
+
+#[test]
+fn serve_refuses_a_page_cache_setting_that_is_not_a_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .args(["--page-cache-mib-per-shard", "lots", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("--page-cache-mib-per-shard must be a number of MiB or \"off\""),
+        "{err}"
+    );
+}

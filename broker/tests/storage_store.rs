@@ -580,3 +580,99 @@ async fn async_appends_and_reads_wait_without_blocking_the_runtime() {
     // The last handle dropped inside the runtime closes the store without panicking.
     drop(store);
 }
+
+/// Pages of `path` in the page cache, one flag per page (mapping the file does not
+/// read it).
+fn resident_pages(path: &std::path::Path) -> Vec<bool> {
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: a read-only mapping of a file no one writes while the test looks.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let page = 4096;
+    let mut vec = vec![0u8; map.len().div_ceil(page)];
+    // SAFETY: `vec` has one byte per page of the mapping.
+    let rc = unsafe {
+        libc::mincore(
+            map.as_ptr() as *mut libc::c_void,
+            map.len(),
+            vec.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+    vec.iter().map(|&b| b & 1 == 1).collect()
+}
+
+#[test]
+fn page_cache_behind_the_tail_is_released_and_everything_reads_back() {
+    use common::segment_files;
+    use switchyard_broker::storage::FsyncPolicy;
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = rustix::fs::statfs(dir.path()).unwrap().f_type as i64 == libc::TMPFS_MAGIC;
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    config.fsync = FsyncPolicy::Always;
+    config.page_cache_per_shard = Some(256 << 10);
+    let store = Store::open(config.clone()).unwrap();
+    // A topic written once, then about 10 MiB of another one (160 segments of 64
+    // KiB), then the first one again: its latest record is no longer cached.
+    store
+        .append(vec![record("user.1", "first")], Ack::Durable)
+        .unwrap();
+    let payload = vec![7u8; 1000];
+    for batch in 0..500 {
+        let records = (0..20)
+            .map(|i| {
+                let mut p = payload.clone();
+                p[..8].copy_from_slice(&((batch * 20 + i) as u64).to_le_bytes());
+                NewRecord::new("guild.1", p)
+            })
+            .collect();
+        store.append(records, Ack::Durable).unwrap();
+    }
+    let files = segment_files(dir.path(), 0);
+    assert!(files.len() > 100, "{} segments", files.len());
+    if !tmpfs {
+        // Segments more than the window and a release step (4 MiB) behind the
+        // tail: released, but for the few pages that
+        // appends read back since (following skip pointers to old records).
+        let (mut resident, mut total) = (0, 0);
+        for file in &files[..files.len() - 72] {
+            let pages = resident_pages(file);
+            resident += pages.iter().filter(|&&r| r).count();
+            total += pages.len();
+        }
+        eprintln!("{resident} of {total} pages cached");
+        assert!(
+            resident * 4 < total,
+            "{resident} of {total} pages still cached"
+        );
+        let newest = resident_pages(files.last().unwrap());
+        assert!(newest.iter().any(|&r| r), "the tail was released too");
+    }
+    let again = store
+        .append(vec![record("user.1", "second")], Ack::Durable)
+        .unwrap();
+    assert_eq!(again[0].offset, 1);
+    let user = store.read("user.1", 0, ReadLimits::default()).unwrap();
+    assert_eq!(
+        user.records
+            .iter()
+            .map(|r| &r.payload[..])
+            .collect::<Vec<_>>(),
+        vec![&b"first"[..], &b"second"[..]]
+    );
+    let mut next = 0u64;
+    while next < 10_000 {
+        let batch = store.read("guild.1", next, ReadLimits::default()).unwrap();
+        for r in &batch.records {
+            assert_eq!(r.payload[..8], r.offset.to_le_bytes());
+        }
+        next = batch.next_offset;
+    }
+    store.close().unwrap();
+    let store = Store::open(config).unwrap();
+    assert_eq!(
+        store.topic_info("guild.1").unwrap().unwrap().next_offset,
+        10_000
+    );
+    assert_eq!(store.topic_info("user.1").unwrap().unwrap().next_offset, 2);
+}

@@ -58,6 +58,10 @@ pub struct StoreConfig {
     pub disk_budget_bytes: Option<u64>,
     /// Commands waiting for a shard before producers block (back-pressure).
     pub shard_queue_depth: usize,
+    /// Bytes of synced data behind each shard's tail kept in the page cache; older
+    /// data is dropped from it as the tail moves on (and read back from disk by a
+    /// reader that needs it). `None` leaves the page cache to the kernel.
+    pub page_cache_per_shard: Option<u64>,
 }
 
 impl StoreConfig {
@@ -77,6 +81,7 @@ impl StoreConfig {
             },
             disk_budget_bytes: None,
             shard_queue_depth: 1024,
+            page_cache_per_shard: None,
         }
     }
 

@@ -74,7 +74,13 @@ pub struct SegmentLog {
     segments: Vec<Segment>,
     /// Bytes the segment files take on disk, kept up to date as they come and go.
     disk_bytes: u64,
+    /// Log position before which the page cache was released.
+    cache_released_to: u64,
 }
+
+/// The page cache is released in steps of at least this many bytes (a few
+/// system calls per step).
+const CACHE_RELEASE_STEP: u64 = 4 << 20;
 
 impl SegmentLog {
     /// A log over `segments` (recovered, in order, possibly none).
@@ -94,6 +100,7 @@ impl SegmentLog {
             budget,
             disk_bytes: segments.iter().map(|s| s.capacity() as u64).sum(),
             segments,
+            cache_released_to: 0,
         }
     }
 
@@ -242,6 +249,28 @@ impl SegmentLog {
             Some(segment) => segment.sync(),
             None => Ok(()),
         }
+    }
+
+    /// Drops from the page cache the synced data more than `keep` bytes behind the
+    /// newest synced byte (see [`Segment::release_cache`]); does nothing until there
+    /// are at least `CACHE_RELEASE_STEP` bytes to drop.
+    pub fn release_cache(&mut self, keep: u64) {
+        let Some(newest) = self.segments.last() else {
+            return;
+        };
+        let target = newest.synced_end().saturating_sub(keep);
+        if target < self.cache_released_to + CACHE_RELEASE_STEP {
+            return;
+        }
+        for segment in self.segments.iter_mut().rev() {
+            if segment.end() <= self.cache_released_to {
+                break;
+            }
+            if segment.base() < target {
+                segment.release_cache((target - segment.base()) as usize);
+            }
+        }
+        self.cache_released_to = target;
     }
 
     /// Deletes the oldest segment, unless it is the only one. Returns whether one was

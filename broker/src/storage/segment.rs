@@ -135,6 +135,8 @@ pub struct Segment {
     pub(crate) fail_next_write: bool,
     /// Bytes known to be on disk.
     synced_len: usize,
+    /// File bytes before this (page aligned) were dropped from the page cache.
+    cache_released: usize,
     /// Newest record timestamp, for retention by age.
     last_timestamp_ms: u64,
 }
@@ -234,6 +236,7 @@ impl Segment {
             #[cfg(test)]
             fail_next_write: false,
             synced_len: SEGMENT_HEADER_LEN,
+            cache_released: 0,
             last_timestamp_ms: 0,
         })
     }
@@ -278,6 +281,7 @@ impl Segment {
             #[cfg(test)]
             fail_next_write: false,
             synced_len: file_len,
+            cache_released: 0,
             last_timestamp_ms: 0,
         };
         Ok((segment, header))
@@ -401,6 +405,11 @@ impl Segment {
         self.last_timestamp_ms = last_timestamp_ms;
     }
 
+    /// Log position just past the data known to be on disk.
+    pub fn synced_end(&self) -> u64 {
+        self.base + self.synced_len as u64
+    }
+
     /// True when written data not known to be on disk exists.
     pub fn is_dirty(&self) -> bool {
         self.synced_len < self.written
@@ -416,6 +425,42 @@ impl Segment {
             self.synced_len = self.written;
         }
         Ok(())
+    }
+
+    /// Drops the file's pages before offset `upto` from the page cache, as far as
+    /// they hold synced data (rounded down to whole pages): clean pages, so nothing
+    /// is lost, and later reads fault them back in from the disk. Best effort: the
+    /// kernel keeps pages it cannot drop, and failures are ignored.
+    ///
+    /// Why: every page a growing log adds to the page cache is a page of memory
+    /// touched for the first time, which costs more than the copy into it where
+    /// the kernel must find free memory (reclaim) or the host must back it (virtual
+    /// machines that give free memory back). Pages dropped right behind the tail are
+    /// reused for the next writes. See `StoreConfig::page_cache_per_shard`.
+    pub fn release_cache(&mut self, upto: usize) {
+        let page = rustix::param::page_size();
+        let upto = upto.min(self.synced_len) / page * page;
+        if upto <= self.cache_released {
+            return;
+        }
+        let from = self.cache_released;
+        // Pages mapped into this process are not dropped by `fadvise`: unmap them
+        // from the read-only mapping first.
+        // SAFETY: the mapping is shared, read-only and backed by the file, so after
+        // MADV_DONTNEED a read of these bytes faults in the same file contents: no
+        // reference into the mapping sees different bytes. The range is within the
+        // mapping (`synced_len` never exceeds the mapped length).
+        let _ = unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, upto - from)
+        };
+        let _ = rustix::fs::fadvise(
+            &self.file,
+            from as u64,
+            std::num::NonZeroU64::new((upto - from) as u64),
+            rustix::fs::Advice::DontNeed,
+        );
+        self.cache_released = upto;
     }
 
     /// Writes bytes anywhere in the file, past the data too (tests that fake a
@@ -593,6 +638,73 @@ mod tests {
         assert!(reopened.is_dirty());
         reopened.sync().unwrap();
         assert!(!reopened.is_dirty());
+    }
+
+    /// Which pages of `segment`'s file, from its start, are in the page cache.
+    fn resident_pages(segment: &Segment) -> Vec<bool> {
+        let page = rustix::param::page_size();
+        let mut vec = vec![0u8; segment.map.len().div_ceil(page)];
+        // SAFETY: the mapping is `map.len()` bytes at a page-aligned address, and
+        // `vec` has one byte per page of it.
+        let rc = unsafe {
+            libc::mincore(
+                segment.map.as_ptr() as *mut libc::c_void,
+                segment.map.len(),
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().map(|&b| b & 1 == 1).collect()
+    }
+
+    #[test]
+    fn released_pages_leave_the_page_cache_and_read_back_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let statfs = rustix::fs::statfs(dir.path()).unwrap();
+        if statfs.f_type as i64 == libc::TMPFS_MAGIC {
+            eprintln!("skipped: tmpfs keeps its pages in memory whatever the advice");
+            return;
+        }
+        // The kernel drops whole folios (up to 2 MiB, naturally aligned), so the
+        // test asks at 1 MiB boundaries.
+        const MIB: usize = 1 << 20;
+        let page = rustix::param::page_size();
+        let mut segment = Segment::create(dir.path(), 0, 0, 8 << 20, 1).unwrap();
+        let data: Vec<u8> = (0..3 * MIB).map(|i| (i % 251) as u8 + 1).collect();
+        segment.reserve_staging(data.len());
+        segment.spare_mut()[..data.len()].copy_from_slice(&data);
+        segment.commit(data.len(), 5);
+        segment.write_staged().unwrap();
+        let pages = |bytes: usize| bytes / page;
+        // Unsynced data is never released.
+        segment.release_cache(usize::MAX);
+        assert!(
+            resident_pages(&segment)[..pages(3 * MIB)]
+                .iter()
+                .all(|&r| r)
+        );
+        segment.sync().unwrap();
+        segment.release_cache(2 * MIB + 100);
+        let resident = resident_pages(&segment);
+        assert!(resident[..pages(2 * MIB)].iter().all(|&r| !r));
+        assert!(resident[pages(2 * MIB)..pages(3 * MIB)].iter().all(|&r| r));
+        // Everything reads back, the released pages from the disk.
+        assert_eq!(&segment.mapped()[64..64 + data.len()], &data[..]);
+        // Asking again for less does nothing; more releases up to the synced data.
+        segment.release_cache(MIB);
+        assert!(
+            resident_pages(&segment)[pages(2 * MIB)..pages(3 * MIB)]
+                .iter()
+                .all(|&r| r)
+        );
+        segment.release_cache(usize::MAX);
+        // (The read above brought the first 2 MiB back; they were released already.)
+        assert!(
+            resident_pages(&segment)[pages(2 * MIB)..pages(3 * MIB)]
+                .iter()
+                .all(|&r| !r)
+        );
+        assert_eq!(&segment.data_from(64)[..data.len()], &data[..]);
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct ShardOptions {
     pub epoch_floor: u64,
     /// The previous stop was clean (decides how much recovery verifies).
     pub clean: bool,
+    /// See [`crate::storage::StoreConfig::page_cache_per_shard`].
+    pub page_cache_per_shard: Option<u64>,
 }
 
 impl ShardOptions {
@@ -107,6 +109,7 @@ impl ShardOptions {
             generation: 1,
             epoch_floor: 0,
             clean: true,
+            page_cache_per_shard: config.page_cache_per_shard,
         }
     }
 }
@@ -434,9 +437,16 @@ impl Shard {
         let result = self.log.sync();
         ShardStats::add(&self.stats.fsyncs, 1);
         ShardStats::add(&self.stats.fsync_nanos, started.elapsed().as_nanos() as u64);
-        if let Err(error) = &result {
-            tracing::error!(shard = self.options.id, %error, "sync failed; the shard stops accepting appends");
-            self.failed = Some(error.to_string());
+        match &result {
+            Ok(()) => {
+                if let Some(keep) = self.options.page_cache_per_shard {
+                    self.log.release_cache(keep);
+                }
+            }
+            Err(error) => {
+                tracing::error!(shard = self.options.id, %error, "sync failed; the shard stops accepting appends");
+                self.failed = Some(error.to_string());
+            }
         }
         result
     }

@@ -47,6 +47,15 @@ pub struct ServeArgs {
     /// Largest record accepted (encoded), in KiB.
     #[arg(long, env = "SWITCHYARD_MAX_RECORD_KIB", default_value_t = 1024)]
     max_record_kib: u64,
+    /// MiB of synced data behind each shard's tail kept in the page cache; older data
+    /// is dropped from it (and read back from disk when a reader needs it). "off"
+    /// leaves the page cache to the kernel.
+    #[arg(
+        long,
+        env = "SWITCHYARD_PAGE_CACHE_MIB_PER_SHARD",
+        default_value = "off"
+    )]
+    page_cache_mib_per_shard: String,
     /// Refuse appends once segment files would take more than this many MiB in all.
     #[arg(long, env = "SWITCHYARD_DISK_BUDGET_MIB")]
     disk_budget_mib: Option<u64>,
@@ -146,6 +155,17 @@ impl ServeArgs {
             max_age: retention_age,
         };
         store.disk_budget_bytes = self.disk_budget_mib.map(|mib| mib << 20);
+        store.page_cache_per_shard = match self.page_cache_mib_per_shard.as_str() {
+            "off" => None,
+            mib => Some(
+                mib.parse::<u64>()
+                    .ok()
+                    .and_then(|mib| mib.checked_mul(1 << 20))
+                    .with_context(|| {
+                        format!("--page-cache-mib-per-shard must be a number of MiB or \"off\", not {mib:?}")
+                    })?,
+            ),
+        };
         store.validate()?;
         Ok(Settings {
             store,
