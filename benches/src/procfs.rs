@@ -2,12 +2,18 @@
 
 use std::time::Duration;
 
-/// Resident set size of `pid`, in bytes.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
+/// Resident memory of `pid`'s own, in bytes: anonymous and shared memory
+/// (`RssAnon + RssShmem`), not the file pages it maps (`RssFile`: the binary, and
+/// for Switchyard the segments read through the page cache, which the kernel may
+/// drop at any time and which a process reading files with `read` instead of
+/// mapping them would not be charged).
+pub fn own_memory_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    let kib = |field: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some((kib("RssAnon:")? + kib("RssShmem:")?) * 1024)
 }
 
 /// User + system CPU time `pid` has used so far.
@@ -63,8 +69,13 @@ mod tests {
     #[test]
     fn reads_this_process() {
         let pid = std::process::id();
-        assert!(rss_bytes(pid).unwrap() > 0);
+        // A 64 MiB allocation, touched, shows.
+        let before = own_memory_bytes(pid).unwrap();
+        let touched = std::hint::black_box(vec![1u8; 64 << 20]);
+        let after = own_memory_bytes(pid).unwrap();
+        assert!(after >= before + (60 << 20), "{before} -> {after}");
+        drop(touched);
         assert!(cpu_time(pid).is_some());
-        assert_eq!(rss_bytes(u32::MAX), None);
+        assert_eq!(own_memory_bytes(u32::MAX), None);
     }
 }

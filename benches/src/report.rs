@@ -375,7 +375,7 @@ const CHARTS: &[Chart] = &[
     },
     Chart {
         file: "many-topics-memory",
-        title: "Server memory per subscribed topic, from RSS (lower is better)",
+        title: "Server memory per subscribed topic, anonymous RSS (lower is better)",
         scenario: "many_topics",
         metrics: &["rss_bytes_per_topic"],
         log: true,

@@ -421,8 +421,8 @@ pub async fn fanout(
 }
 
 /// Many topics, each subscribed on one stream, one record each: subscribe time,
-/// records/s, and the server's memory per topic (RSS growth over the run, on a
-/// freshly started server).
+/// records/s, and the server's memory per topic (growth of its own resident
+/// memory over the run, on a freshly started server: see `procfs::own_memory_bytes`).
 pub async fn many_topics(
     systems: &mut Systems,
     kinds: &[Kind],
@@ -463,7 +463,7 @@ pub async fn many_topics(
                 }
                 let pid = systems.pid(kind).expect("running");
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let rss_before = procfs::rss_bytes(pid).unwrap_or(0);
+                let rss_before = procfs::own_memory_bytes(pid).unwrap_or(0);
                 let topics: Vec<String> = (0..count)
                     .map(|i| kind.topic(&format!("user.{i}")))
                     .collect();
@@ -500,7 +500,7 @@ pub async fn many_topics(
                 publisher.flush().await?;
                 let outcome = counter.finish().await?;
                 let server_cpu = cpu(systems, kind).saturating_sub(cpu_before);
-                let rss_after = procfs::rss_bytes(pid).unwrap_or(0);
+                let rss_after = procfs::own_memory_bytes(pid).unwrap_or(0);
                 // A system that drops records for a slow subscriber (NATS core does)
                 // is reported with the fraction it delivered, not left out.
                 let Some(last) = outcome.last else {
