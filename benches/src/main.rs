@@ -128,6 +128,53 @@ fn report(from: &Path, out: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
+/// Broker settings read from the environment by `switchyard serve` that the harness
+/// leaves to whoever runs it (it sets the listen addresses, directories, and the
+/// per-stream limits itself).
+const BROKER_SETTINGS: &[&str] = &[
+    "SWITCHYARD_SHARDS",
+    "SWITCHYARD_SEGMENT_MIB",
+    "SWITCHYARD_FSYNC",
+    "SWITCHYARD_RETENTION_MIB",
+    "SWITCHYARD_RETENTION_AGE",
+    "SWITCHYARD_MAX_RECORD_KIB",
+    "SWITCHYARD_DISK_BUDGET_MIB",
+    "SWITCHYARD_PAGE_CACHE_MIB_PER_SHARD",
+    "SWITCHYARD_MAX_STREAMS",
+    "SWITCHYARD_FILTERS_RELOAD",
+    "SWITCHYARD_FILTER_INSTRUCTIONS",
+    "SWITCHYARD_FILTER_MEMORY_MIB",
+];
+
+/// The command that reproduces the run: the broker settings given in the
+/// environment, then the arguments, each quoted for a shell where it needs it.
+fn command_line(
+    vars: impl Iterator<Item = (String, String)>,
+    args: impl Iterator<Item = String>,
+) -> String {
+    fn quoted(word: &str) -> String {
+        let plain = !word.is_empty()
+            && word
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@%+".contains(&b));
+        if plain {
+            word.to_owned()
+        } else {
+            format!("'{}'", word.replace('\'', "'\\''"))
+        }
+    }
+    let mut settings: Vec<String> = vars
+        .filter(|(name, _)| BROKER_SETTINGS.contains(&name.as_str()))
+        .map(|(name, value)| format!("{name}={}", quoted(&value)))
+        .collect();
+    settings.sort();
+    settings
+        .into_iter()
+        .chain(args.map(|arg| quoted(&arg)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn switchyard_binary(given: Option<PathBuf>) -> Result<PathBuf> {
     let path = match given {
         Some(path) => path,
@@ -215,18 +262,7 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     systems.switchyard = None;
     let mut results = result?;
-    // The broker takes settings from SWITCHYARD_* variables too: they are part of
-    // the command that reproduces the run.
-    let mut settings: Vec<String> = std::env::vars()
-        .filter(|(name, _)| name.starts_with("SWITCHYARD_") && name != "SWITCHYARD_BIN")
-        .map(|(name, value)| format!("{name}={value}"))
-        .collect();
-    settings.sort();
-    results.command = settings
-        .into_iter()
-        .chain(std::env::args())
-        .collect::<Vec<_>>()
-        .join(" ");
+    results.command = command_line(std::env::vars(), std::env::args());
     results.write(&args.out)?;
     print!("{}", results.markdown());
     eprintln!("results in {}", args.out.display());
@@ -287,4 +323,28 @@ async fn run_scenarios(
         scenarios::restart(systems, kinds, sizes, &mut results).await?;
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_names_broker_settings_and_quotes_words() {
+        let vars = [
+            ("SWITCHYARD_PAGE_CACHE_MIB_PER_SHARD", "64"),
+            ("SWITCHYARD_FSYNC", "interval:5ms"),
+            // Set by the harness itself, or not a broker setting: left out.
+            ("SWITCHYARD_MAX_PENDING_MIB_PER_STREAM", "1"),
+            ("SWITCHYARD_BIN", "/x"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let args = ["./switchyard-bench", "run", "--out", "it's here"].map(String::from);
+        assert_eq!(
+            command_line(vars.into_iter(), args.into_iter()),
+            "SWITCHYARD_FSYNC=interval:5ms SWITCHYARD_PAGE_CACHE_MIB_PER_SHARD=64 \
+             ./switchyard-bench run --out 'it'\\''s here'"
+        );
+    }
 }

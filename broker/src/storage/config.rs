@@ -58,9 +58,12 @@ pub struct StoreConfig {
     pub disk_budget_bytes: Option<u64>,
     /// Commands waiting for a shard before producers block (back-pressure).
     pub shard_queue_depth: usize,
-    /// Bytes of synced data behind each shard's tail kept in the page cache; older
-    /// data is dropped from it as the tail moves on (and read back from disk by a
-    /// reader that needs it). `None` leaves the page cache to the kernel.
+    /// A page-cache window per shard: after each sync, synced data more than this
+    /// many bytes behind the shard's newest synced byte is dropped from the page
+    /// cache, in steps of at least 4 MiB (a reader that needs it reads it back from
+    /// disk; pages read back are left to the kernel). Applies only where syncs
+    /// happen: timed ones, durable acks', seals. `None` leaves the page cache to
+    /// the kernel.
     pub page_cache_per_shard: Option<u64>,
 }
 

@@ -253,7 +253,8 @@ impl SegmentLog {
 
     /// Drops from the page cache the synced data more than `keep` bytes behind the
     /// newest synced byte (see [`Segment::release_cache`]); does nothing until there
-    /// are at least `CACHE_RELEASE_STEP` bytes to drop.
+    /// are at least `CACHE_RELEASE_STEP` bytes to drop, so up to `keep` plus 4 MiB
+    /// of synced data stay cached, besides unsynced data and what reads bring back.
     pub fn release_cache(&mut self, keep: u64) {
         let Some(newest) = self.segments.last() else {
             return;
@@ -267,7 +268,8 @@ impl SegmentLog {
                 break;
             }
             if segment.base() < target {
-                segment.release_cache((target - segment.base()) as usize);
+                segment
+                    .release_cache(usize::try_from(target - segment.base()).unwrap_or(usize::MAX));
             }
         }
         self.cache_released_to = target;

@@ -164,6 +164,9 @@ fn map_file(file: &File, path: &Path, len: usize) -> Result<Mmap, IoError> {
 
 /// A staging buffer larger than this is given back after its batch is written.
 const MAX_KEPT_STAGING: usize = 4 << 20;
+/// The largest page-cache folio's alignment (a PMD on x86-64 and arm64 with 4 KiB
+/// pages).
+const FOLIO_ALIGN: usize = 2 << 20;
 
 impl Segment {
     /// Creates a new segment file of `capacity` bytes starting at log position `base`.
@@ -427,10 +430,12 @@ impl Segment {
         Ok(())
     }
 
-    /// Drops the file's pages before offset `upto` from the page cache, as far as
-    /// they hold synced data (rounded down to whole pages): clean pages, so nothing
-    /// is lost, and later reads fault them back in from the disk. Best effort: the
-    /// kernel keeps pages it cannot drop, and failures are ignored.
+    /// Drops from the page cache the file's pages from where the last call stopped
+    /// up to offset `upto`, as far as they hold synced data (rounded down to whole
+    /// pages; a sealed segment whose data is all asked for goes to its end). They
+    /// are clean, so nothing is lost; later reads fault them back in from the disk,
+    /// and pages read back are then left to the kernel. Best effort: the kernel
+    /// keeps pages it cannot drop, and failures are ignored.
     ///
     /// Why: every page a growing log adds to the page cache is a page of memory
     /// touched for the first time, which costs more than the copy into it where
@@ -439,7 +444,12 @@ impl Segment {
     /// reused for the next writes. See `StoreConfig::page_cache_per_shard`.
     pub fn release_cache(&mut self, upto: usize) {
         let page = rustix::param::page_size();
-        let upto = upto.min(self.synced_len) / page * page;
+        let whole_file = self.map.len() == self.len && self.synced_len == self.len;
+        let upto = if whole_file && upto >= self.len {
+            self.len
+        } else {
+            upto.min(self.synced_len) / page * page
+        };
         if upto <= self.cache_released {
             return;
         }
@@ -449,15 +459,20 @@ impl Segment {
         // SAFETY: the mapping is shared, read-only and backed by the file, so after
         // MADV_DONTNEED a read of these bytes faults in the same file contents: no
         // reference into the mapping sees different bytes. The range is within the
-        // mapping (`synced_len` never exceeds the mapped length).
+        // mapping (`upto` never exceeds `synced_len`, which never exceeds the mapped
+        // length).
         let _ = unsafe {
             self.map
                 .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, upto - from)
         };
+        // The kernel drops only whole folios (up to 2 MiB, aligned to their size)
+        // within the range: start at the 2 MiB boundary before `from`, so that a
+        // folio the last call's end cut through goes now.
+        let folio_from = from / FOLIO_ALIGN * FOLIO_ALIGN;
         let _ = rustix::fs::fadvise(
             &self.file,
-            from as u64,
-            std::num::NonZeroU64::new((upto - from) as u64),
+            folio_from as u64,
+            std::num::NonZeroU64::new((upto - folio_from) as u64),
             rustix::fs::Advice::DontNeed,
         );
         self.cache_released = upto;
@@ -688,23 +703,36 @@ mod tests {
         let resident = resident_pages(&segment);
         assert!(resident[..pages(2 * MIB)].iter().all(|&r| !r));
         assert!(resident[pages(2 * MIB)..pages(3 * MIB)].iter().all(|&r| r));
-        // Everything reads back, the released pages from the disk.
+        // Everything reads back, the released pages from the disk; pages read back
+        // are the kernel's again.
         assert_eq!(&segment.mapped()[64..64 + data.len()], &data[..]);
-        // Asking again for less does nothing; more releases up to the synced data.
+        assert!(
+            resident_pages(&segment)[..pages(2 * MIB)]
+                .iter()
+                .all(|&r| r)
+        );
+        // Asking again for less does nothing; more releases what follows, up to
+        // the synced data (pages mapped by the read above included).
         segment.release_cache(MIB);
         assert!(
-            resident_pages(&segment)[pages(2 * MIB)..pages(3 * MIB)]
+            resident_pages(&segment)[..pages(3 * MIB)]
                 .iter()
                 .all(|&r| r)
         );
         segment.release_cache(usize::MAX);
-        // (The read above brought the first 2 MiB back; they were released already.)
-        assert!(
-            resident_pages(&segment)[pages(2 * MIB)..pages(3 * MIB)]
-                .iter()
-                .all(|&r| !r)
-        );
+        let resident = resident_pages(&segment);
+        assert!(resident[..pages(2 * MIB)].iter().all(|&r| r));
+        assert!(resident[pages(2 * MIB)..pages(3 * MIB)].iter().all(|&r| !r));
         assert_eq!(&segment.data_from(64)[..data.len()], &data[..]);
+        // Sealed, the segment goes to its end, the last partial page included.
+        segment.seal().unwrap();
+        segment.release_cache(usize::MAX);
+        let resident = resident_pages(&segment);
+        assert_eq!(resident.len(), pages(3 * MIB) + 1);
+        assert!(
+            resident[pages(2 * MIB)..].iter().all(|&r| !r),
+            "{resident:?}"
+        );
     }
 
     #[test]

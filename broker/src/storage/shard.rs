@@ -437,18 +437,20 @@ impl Shard {
         let result = self.log.sync();
         ShardStats::add(&self.stats.fsyncs, 1);
         ShardStats::add(&self.stats.fsync_nanos, started.elapsed().as_nanos() as u64);
-        match &result {
-            Ok(()) => {
-                if let Some(keep) = self.options.page_cache_per_shard {
-                    self.log.release_cache(keep);
-                }
-            }
-            Err(error) => {
-                tracing::error!(shard = self.options.id, %error, "sync failed; the shard stops accepting appends");
-                self.failed = Some(error.to_string());
-            }
+        if let Err(error) = &result {
+            tracing::error!(shard = self.options.id, %error, "sync failed; the shard stops accepting appends");
+            self.failed = Some(error.to_string());
         }
         result
+    }
+
+    /// Drops synced data behind the page-cache window from the page cache, when the
+    /// shard has one (`StoreConfig::page_cache_per_shard`). Run after a sync, once
+    /// the appends waiting for it are answered.
+    pub fn release_page_cache(&mut self) {
+        if let Some(keep) = self.options.page_cache_per_shard {
+            self.log.release_cache(keep);
+        }
     }
 
     pub fn is_dirty(&self) -> bool {

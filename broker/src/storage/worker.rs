@@ -127,6 +127,9 @@ pub(crate) fn run(
                 };
                 let _ = reply.send(result);
             }
+            if sync_result.is_ok() {
+                shard.release_page_cache();
+            }
         }
         if now >= retention_due {
             retention_due = now + RETENTION_EVERY;

@@ -47,9 +47,10 @@ pub struct ServeArgs {
     /// Largest record accepted (encoded), in KiB.
     #[arg(long, env = "SWITCHYARD_MAX_RECORD_KIB", default_value_t = 1024)]
     max_record_kib: u64,
-    /// MiB of synced data behind each shard's tail kept in the page cache; older data
-    /// is dropped from it (and read back from disk when a reader needs it). "off"
-    /// leaves the page cache to the kernel.
+    /// Page-cache window per shard, in MiB: after each sync, synced data further
+    /// behind the shard's tail is dropped from the page cache (in steps of 4 MiB; a
+    /// reader that needs it reads it back from disk). "off" leaves the page cache to
+    /// the kernel. See docs/storage-format.md, "Page cache".
     #[arg(
         long,
         env = "SWITCHYARD_PAGE_CACHE_MIB_PER_SHARD",
