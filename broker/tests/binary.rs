@@ -13,6 +13,22 @@ use switchyard_proto as pb;
 use switchyard_proto::broker_client::BrokerClient;
 use tonic::transport::Channel;
 
+/// `switchyard serve` on a free loopback port, metrics off, data in `data_dir`.
+fn serve(data_dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir);
+    command
+}
+
 /// A running `switchyard serve` and its gRPC address.
 struct Process {
     child: Child,
@@ -26,18 +42,8 @@ impl Process {
     }
 
     fn start_with(data_dir: &Path, extra: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "off",
-                "--fsync",
-                "always",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
+        let mut child = serve(data_dir)
+            .args(["--fsync", "always"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -380,16 +386,8 @@ fn filters_from_the_command_line_check_test_reload_and_filter() {
 #[test]
 fn serve_refuses_a_page_cache_setting_that_is_not_a_size() {
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-        ])
-        .args(["--page-cache-mib-per-shard", "lots", "--data-dir"])
-        .arg(dir.path())
+    let output = serve(dir.path())
+        .args(["--page-cache-mib-per-shard", "lots"])
         .output()
         .unwrap();
     assert!(!output.status.success());
