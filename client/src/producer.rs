@@ -189,6 +189,10 @@ struct InFlight {
     records: PublishRecords,
     replies: Replies,
     attempts: u32,
+    /// Refused with a retryable code: sent again at this time. Each refused batch
+    /// waits out its own backoff while the others' answers are taken, so how long
+    /// the producer takes to give up does not grow with the batches in flight.
+    retry_at: Option<Instant>,
 }
 
 /// A record's acknowledgement, to await.
@@ -440,6 +444,7 @@ impl Batcher {
                 deadline = None;
                 continue;
             }
+            let retry = self.next_retry();
             tokio::select! {
                 queued = queue.recv(), if queue_open && room && !full && whole.is_none() => match queued {
                     Some(Queued::One { record, reply }) => {
@@ -456,6 +461,7 @@ impl Batcher {
                     deadline = None;
                 }
                 answer = next_answer(&mut self.stream), if !self.in_flight.is_empty() => self.answered(answer).await,
+                () = sleep_until(retry), if retry.is_some() => self.retry_due().await,
             }
         }
     }
@@ -486,6 +492,7 @@ impl Batcher {
             records,
             replies,
             attempts: 0,
+            retry_at: None,
         });
         let index = self.in_flight.len() - 1;
         if self.send(index).await.is_err() {
@@ -536,6 +543,8 @@ impl Batcher {
         loop {
             for batch in &mut self.in_flight {
                 batch.attempts += 1;
+                // Sent again below with the rest, whatever its own backoff.
+                batch.retry_at = None;
             }
             while self
                 .in_flight
@@ -564,6 +573,28 @@ impl Batcher {
                 Err(error) => {
                     tracing::debug!(%error, "reconnecting the publish stream failed");
                     self.stream = None;
+                }
+            }
+        }
+    }
+
+    /// When the next refused batch is due to be sent again.
+    fn next_retry(&self) -> Option<Instant> {
+        self.in_flight.iter().filter_map(|b| b.retry_at).min()
+    }
+
+    /// Sends again, in order and under new request ids, the refused batches whose
+    /// backoff is over.
+    async fn retry_due(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.in_flight.len() {
+            if self.in_flight[index].retry_at.is_some_and(|at| at <= now) {
+                self.in_flight[index].retry_at = None;
+                self.in_flight[index].request_id = self.next_request;
+                self.next_request += 1;
+                if self.send(index).await.is_err() {
+                    // Sends every batch still in flight again, these included.
+                    return self.reconnect().await;
                 }
             }
         }
@@ -599,13 +630,7 @@ impl Batcher {
                 batch.attempts += 1;
                 if is_retryable_code(code) && batch.attempts <= self.config.max_retries {
                     let wait = self.config.retry_backoff * 2u32.saturating_pow(batch.attempts - 1);
-                    tokio::time::sleep(wait.min(Duration::from_secs(2))).await;
-                    let retry_id = self.next_request;
-                    self.next_request += 1;
-                    self.in_flight[index].request_id = retry_id;
-                    if self.send(index).await.is_err() {
-                        self.reconnect().await;
-                    }
+                    batch.retry_at = Some(Instant::now() + wait.min(Duration::from_secs(2)));
                 } else {
                     let batch = self.in_flight.remove(index).expect("found");
                     batch.replies.fail(ClientError::Refused {

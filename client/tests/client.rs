@@ -27,6 +27,10 @@ impl Broker {
         storage.segment_bytes = 8 << 20;
         storage.max_batch_bytes = 4 << 20;
         storage.fsync = FsyncPolicy::Never;
+        Broker::start_store(storage, address, config).await
+    }
+
+    async fn start_store(storage: StoreConfig, address: &str, config: ServerConfig) -> Broker {
         let store = Store::open(storage).unwrap();
         let listener = tokio::net::TcpListener::bind(address).await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -243,6 +247,89 @@ async fn oversized_records_are_refused_with_the_limit() {
             assert!(message.contains("limit"), "{message}");
         }
         other => panic!("expected a refusal, got {other:?}"),
+    }
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_batches_wait_out_their_backoffs_together_and_then_fail_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut storage = StoreConfig::new(dir.path());
+    storage.shard_count = 1;
+    storage.segment_bytes = 1 << 20;
+    storage.max_batch_bytes = 512 << 10;
+    storage.max_record_bytes = 512 << 10;
+    storage.fsync = FsyncPolicy::Never;
+    // One segment, and nothing old enough to be deleted: the disk is full for the
+    // broker once the segment is.
+    storage.disk_budget_bytes = Some(1 << 20);
+    let broker = Broker::start_store(storage, "127.0.0.1:0", ServerConfig::default()).await;
+    let no_retries = ProducerConfig {
+        max_retries: 0,
+        ..ProducerConfig::default()
+    };
+    let filler = Producer::connect(&broker.url(), no_retries).await.unwrap();
+    let mut written = 0;
+    let full = loop {
+        match filler
+            .publish(Record::new("guild.1", vec![7u8; 100 << 10]))
+            .await
+        {
+            Ok(_) => written += 1,
+            Err(error) => break error,
+        }
+        assert!(
+            written < 20,
+            "a 1 MiB budget took {written} records of 100 KiB"
+        );
+    };
+    assert!(written >= 5, "only {written} records fit: {full}");
+
+    // Eight batches in flight, each refused, retried once after 2 s (the longest
+    // backoff), refused again. Waiting out one backoff after another takes 16 s.
+    let backoff = Duration::from_secs(2);
+    let config = ProducerConfig {
+        max_in_flight: 8,
+        max_retries: 1,
+        retry_backoff: backoff,
+        ..ProducerConfig::default()
+    };
+    let producer = Producer::connect(&broker.url(), config).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut pending = Vec::new();
+    for i in 0..8 {
+        let record = Record::new(format!("guild.{i}"), vec![1u8; 200 << 10]);
+        pending.push(producer.send_batch(vec![record]).await.unwrap());
+    }
+    for batch in pending {
+        match batch.await.unwrap_err() {
+            ClientError::Refused { code, message } => {
+                assert_eq!(code, tonic::Code::ResourceExhausted);
+                assert!(message.contains("disk budget"), "{message}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= backoff,
+        "gave up after {took:?}, before the backoff"
+    );
+    assert!(
+        took < backoff * 4,
+        "eight refused batches took {took:?} to fail: their backoffs were waited out one after another"
+    );
+
+    // What was written before the budget ran out is all there.
+    let mut subscriber = Subscriber::connect(&broker.url()).await.unwrap();
+    subscriber
+        .subscribe(1, "guild.1", Start::Earliest)
+        .await
+        .unwrap();
+    for offset in 0..written {
+        let delivery = next_delivery(&mut subscriber).await;
+        assert_eq!(delivery.offset, offset);
+        assert_eq!(delivery.payload.len(), 100 << 10);
     }
     broker.stop().await;
 }
