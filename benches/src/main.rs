@@ -175,6 +175,14 @@ fn command_line(
         .join(" ")
 }
 
+/// Free space in the work directory before each measurement of a measured run: a
+/// throughput repetition writes up to 3 s of records (about 2 GB at 1 KiB), kept
+/// with the earlier repetitions' until the scenario ends, and JetStream and Redis
+/// keep theirs too.
+const MIN_FREE_MEASURED: u64 = 6 << 30;
+/// The same for a smoke run, which writes a few megabytes.
+const MIN_FREE_SMOKE: u64 = 256 << 20;
+
 fn switchyard_binary(given: Option<PathBuf>) -> Result<PathBuf> {
     let path = match given {
         Some(path) => path,
@@ -241,6 +249,8 @@ async fn run(args: RunArgs) -> Result<()> {
         .work_dir
         .clone()
         .unwrap_or_else(|| temp.path().to_owned());
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
     let filters_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../lua-filters");
     let mut systems = Systems {
         switchyard: None,
@@ -248,7 +258,13 @@ async fn run(args: RunArgs) -> Result<()> {
         switchyard_binary: switchyard_binary(args.switchyard_bin.clone())?,
         filters_dir,
         work_dir: work_dir.clone(),
+        min_free: if args.smoke {
+            MIN_FREE_SMOKE
+        } else {
+            MIN_FREE_MEASURED
+        },
     };
+    systems::check_free_space(&work_dir, systems.min_free)?;
     // Stops the peers however the run ends (an error, a panic): by the PIDs in
     // their directory, which restarts keep current.
     let _peers_guard = PeersGuard(work_dir.join("peers"));
@@ -256,7 +272,12 @@ async fn run(args: RunArgs) -> Result<()> {
         eprintln!("starting the peers (benches/peers.sh)");
         systems.peers = Some(Peers::start(&work_dir.join("peers"))?);
     }
-    let result = run_scenarios(&mut systems, &kinds, &sizes, &wants, args.smoke).await;
+    // A run stopped by a signal stops its servers and removes its temporary
+    // directory like one that failed: each leaves gigabytes behind otherwise.
+    let result = tokio::select! {
+        result = run_scenarios(&mut systems, &kinds, &sizes, &wants, args.smoke) => result,
+        signal = stop_signal() => Err(anyhow::anyhow!("stopped by {signal}")),
+    };
     if let Some(peers) = &systems.peers {
         peers.stop()?;
     }
@@ -267,6 +288,24 @@ async fn run(args: RunArgs) -> Result<()> {
     print!("{}", results.markdown());
     eprintln!("results in {}", args.out.display());
     Ok(())
+}
+
+/// The first of SIGINT, SIGTERM and SIGHUP to arrive.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        // No handlers: the default actions apply.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
 }
 
 /// Stops the peers started in a directory when dropped.

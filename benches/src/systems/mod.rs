@@ -233,6 +233,8 @@ pub struct Systems {
     pub switchyard_binary: PathBuf,
     pub filters_dir: PathBuf,
     pub work_dir: PathBuf,
+    /// Bytes that must be free in `work_dir` before each measurement.
+    pub min_free: u64,
 }
 
 impl Systems {
@@ -262,6 +264,7 @@ impl Systems {
         self.switchyard = None;
         let dir = self.work_dir.join("switchyard");
         let _ = std::fs::remove_dir_all(&dir);
+        check_free_space(&self.work_dir, self.min_free)?;
         let (server, _) =
             switchyard::Server::start(&self.switchyard_binary, &dir, &self.filters_dir)?;
         self.switchyard = Some(server);
@@ -275,6 +278,7 @@ impl Systems {
     /// the next run's syncs (Switchyard's durable acknowledgements, JetStream's)
     /// would otherwise wait behind it.
     pub async fn prepare(&self, kind: Kind) -> Result<()> {
+        check_free_space(&self.work_dir, self.min_free)?;
         let synced =
             tokio::task::spawn_blocking(|| std::process::Command::new("sync").status()).await??;
         if !synced.success() {
@@ -364,6 +368,30 @@ impl Systems {
             .await?,
         ))
     }
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`.
+pub fn free_space(dir: &Path) -> Result<u64> {
+    let stat = rustix::fs::statvfs(dir)
+        .with_context(|| format!("reading the free space of {}", dir.display()))?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Fails, naming the directory and both figures, when less than `needed` bytes
+/// are free where the servers keep their data: a full disk would refuse writes
+/// mid-measurement (or stall a peer) instead of measuring anything.
+pub fn check_free_space(dir: &Path, needed: u64) -> Result<()> {
+    let free = free_space(dir)?;
+    if free < needed {
+        bail!(
+            "{} has {:.1} GiB free; this needs {:.1} GiB (free space, or pass --work-dir \
+             on a larger file system)",
+            dir.display(),
+            free as f64 / (1u64 << 30) as f64,
+            needed as f64 / (1u64 << 30) as f64,
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
