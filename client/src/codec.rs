@@ -5,7 +5,7 @@
 //! uses the generated client.
 
 use bytes::Buf;
-use switchyard_proto::{self as pb, EncodedPublishRequest, ReceivedDelivery, read_deliveries};
+use switchyard_proto::{self as pb, EncodedPublishRequest, read_deliveries_as};
 use tonic::Status;
 use tonic::client::Grpc;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
@@ -13,10 +13,13 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic_prost::{ProstDecoder, ProstEncoder};
 
+use crate::subscriber::SubscriberEvent;
+
 /// What a subscribe stream carries to the client.
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    Deliveries(Vec<ReceivedDelivery>),
+    /// A batch of deliveries, each already the event the application gets.
+    Deliveries(Vec<SubscriberEvent>),
     /// Any other event, decoded by prost.
     Other(pb::SubscribeResponse),
 }
@@ -50,7 +53,8 @@ impl Decoder for SubscribeDecoder {
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Incoming>, Status> {
         // The whole message, shared with the receive buffer (no copy).
         let message = src.copy_to_bytes(src.remaining());
-        match read_deliveries(&message) {
+        let event = |delivery: pb::ReceivedDelivery| SubscriberEvent::Delivery(delivery.into());
+        match read_deliveries_as(&message, event) {
             Ok(Some(deliveries)) => Ok(Some(Incoming::Deliveries(deliveries))),
             // Another event, or bytes the reader does not take: prost decides, so
             // errors (and any case the reader does not cover) are prost's.

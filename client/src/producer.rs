@@ -682,14 +682,21 @@ fn positions(response: pb::PublishResponse, count: usize) -> Result<Vec<Position
 /// The broker's topic name rules (docs/storage-format.md): 1 to 255 bytes of ASCII
 /// letters, digits and `.` `_` `-` `:`, with no empty dot-separated segment.
 fn check_topic(topic: &str) -> Result<(), ClientError> {
-    let valid = !topic.is_empty()
-        && topic.len() <= 255
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
-        && !topic.starts_with('.')
-        && !topic.ends_with('.')
-        && !topic.contains("..");
+    // One pass (this runs for every record sent): a dot may not start or end the
+    // name, nor follow another.
+    let bytes = topic.as_bytes();
+    let mut previous = b'.';
+    let valid = !bytes.is_empty()
+        && bytes.len() <= 255
+        && bytes.iter().all(|&b| {
+            let ok = match b {
+                b'.' => previous != b'.',
+                b => b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':'),
+            };
+            previous = b;
+            ok
+        })
+        && previous != b'.';
     if valid {
         Ok(())
     } else {
@@ -744,6 +751,30 @@ mod tests {
             offset,
             epoch,
             count,
+        }
+    }
+
+    #[test]
+    fn topic_names_are_checked_by_the_brokers_rules() {
+        let longest = "a".repeat(255);
+        for good in ["guild.1", "a", "user:1_x-y.Z9", "a.b.c", longest.as_str()] {
+            assert!(check_topic(good).is_ok(), "{good:?}");
+        }
+        let too_long = "a".repeat(256);
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".a",
+            "a.",
+            "a..b",
+            "a b",
+            "a/b",
+            "gu\u{e9}ld",
+            too_long.as_str(),
+        ] {
+            let error = check_topic(bad).unwrap_err();
+            assert!(!error.is_retryable(), "{bad:?}");
         }
     }
 

@@ -480,8 +480,12 @@ impl Dispatcher {
         };
         match response.event {
             Some(pb::subscribe_response::Event::Deliveries(batch)) => {
-                let deliveries = batch.deliveries.into_iter().map(delivery_from_proto);
-                self.deliveries(deliveries, events);
+                let batch = batch
+                    .deliveries
+                    .into_iter()
+                    .map(|d| SubscriberEvent::Delivery(delivery_from_proto(d)))
+                    .collect();
+                self.deliveries(batch, events);
             }
             Some(pb::subscribe_response::Event::Update(update)) => {
                 let id = update.id;
@@ -538,16 +542,15 @@ impl Dispatcher {
     /// Records where each subscription resumes after `deliveries` and queues them.
     /// Runs of deliveries for one subscription (the usual case) update its entry
     /// once, at the end of the run.
-    fn deliveries<D: Into<Delivery>>(
-        &mut self,
-        deliveries: impl IntoIterator<Item = D>,
-        events: &mut Vec<SubscriberEvent>,
-    ) {
-        let deliveries = deliveries.into_iter();
-        events.reserve(deliveries.size_hint().0);
+    /// Takes a batch of delivery events: each subscription's resume position
+    /// moves past its last record, and the events join `events` (the batch itself
+    /// becomes `events` when it is the first: no event is moved).
+    fn deliveries(&mut self, mut batch: Vec<SubscriberEvent>, events: &mut Vec<SubscriberEvent>) {
         let mut run: Option<(u64, Position)> = None;
-        for delivery in deliveries {
-            let delivery: Delivery = delivery.into();
+        for event in &batch {
+            let SubscriberEvent::Delivery(delivery) = event else {
+                continue;
+            };
             let next = delivery.next_position();
             let ids = delivery.subscription_ids.as_slice();
             // A run ends at a delivery that is not for its subscription alone.
@@ -561,10 +564,14 @@ impl Dispatcher {
                 [id] => run = Some((*id, next)),
                 ids => ids.iter().for_each(|&id| self.resume_at(id, next)),
             }
-            events.push(SubscriberEvent::Delivery(delivery));
         }
         if let Some((id, position)) = run {
             self.resume_at(id, position);
+        }
+        if events.is_empty() {
+            *events = batch;
+        } else {
+            events.append(&mut batch);
         }
     }
 
@@ -618,22 +625,34 @@ mod tests {
             (&[1], 3),
             (&[4], 8),
         ];
-        let deliveries = sent.iter().map(|&(ids, offset)| Delivery {
-            topic: "t".into(),
-            offset,
-            epoch: 5,
-            timestamp_ms: 0,
-            headers: Vec::new(),
-            payload: Bytes::new(),
-            subscription_ids: ids.to_vec().into(),
-        });
+        let delivery = |ids: &[u64], offset| {
+            SubscriberEvent::Delivery(Delivery {
+                topic: "t".into(),
+                offset,
+                epoch: 5,
+                timestamp_ms: 0,
+                headers: Vec::new(),
+                payload: Bytes::new(),
+                subscription_ids: ids.to_vec().into(),
+            })
+        };
+        let batch = sent
+            .iter()
+            .map(|&(ids, offset)| delivery(ids, offset))
+            .collect();
         let mut events = Vec::new();
-        dispatcher.deliveries(deliveries, &mut events);
+        dispatcher.deliveries(batch, &mut events);
         assert_eq!(events.len(), sent.len());
-        let resume = |id: u64| dispatcher.entries[&id].resume.map(|p| (p.offset, p.epoch));
+        let resume = |d: &Dispatcher, id: u64| d.entries[&id].resume.map(|p| (p.offset, p.epoch));
         assert_eq!(
-            [resume(1), resume(2), resume(3), resume(4)],
+            [1, 2, 3, 4].map(|id| resume(&dispatcher, id)),
             [Some((4, 5)), Some((2, 5)), Some((8, 5)), Some((9, 5))]
         );
+        // A second batch joins the events after the first.
+        dispatcher.deliveries(vec![delivery(&[2], 2)], &mut events);
+        assert_eq!(events.len(), sent.len() + 1);
+        assert!(matches!(&events[sent.len()], SubscriberEvent::Delivery(d) if d.offset == 2));
+        assert!(matches!(&events[0], SubscriberEvent::Delivery(d) if d.offset == 0));
+        assert_eq!(resume(&dispatcher, 2), Some((3, 5)));
     }
 }

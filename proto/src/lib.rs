@@ -26,7 +26,7 @@ mod read;
 mod wire;
 pub use batch::{DeliveryBatch, DeliveryFields, DeliveryWriter};
 pub use publish::{EncodedPublishRequest, PublishRecords, PublishRequest, PublishWriter};
-pub use read::{ReceivedDelivery, SubscriptionIds, Topic, read_deliveries};
+pub use read::{ReceivedDelivery, SubscriptionIds, Topic, read_deliveries, read_deliveries_as};
 pub use wire::WireError;
 
 #[cfg(test)]

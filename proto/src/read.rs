@@ -292,8 +292,18 @@ pub struct ReceivedDelivery {
 /// deliveries, returns them; `Ok(None)` for any other event (decode that one with
 /// prost); an error for bytes that are not a valid message.
 pub fn read_deliveries(message: &Bytes) -> Result<Option<Vec<ReceivedDelivery>>, WireError> {
+    read_deliveries_as(message, |delivery| delivery)
+}
+
+/// [`read_deliveries`], each delivery made into a `T` by `wrap` as it is read:
+/// the caller's own type (an event enum, say) is built in place in the vector,
+/// rather than moved out of a vector of deliveries into another.
+pub fn read_deliveries_as<T>(
+    message: &Bytes,
+    mut wrap: impl FnMut(ReceivedDelivery) -> T,
+) -> Result<Option<Vec<T>>, WireError> {
     let mut input = In::new(message);
-    let mut deliveries: Option<Vec<ReceivedDelivery>> = None;
+    let mut deliveries: Option<Vec<T>> = None;
     let mut topics = TopicCache::default();
     while !input.is_done() {
         let (field, wire_type) = input.key()?;
@@ -303,7 +313,7 @@ pub fn read_deliveries(message: &Bytes) -> Result<Option<Vec<ReceivedDelivery>>,
                 In::expect(wire_type, LEN)?;
                 let batch = input.len_delimited()?;
                 let deliveries = deliveries.get_or_insert_with(Vec::new);
-                read_batch(message, &input, batch, deliveries, &mut topics)?;
+                read_batch(message, &input, batch, deliveries, &mut topics, &mut wrap)?;
             }
             // `update`, or an event this reader does not know: prost decides.
             2 => return Ok(None),
@@ -336,12 +346,13 @@ impl TopicCache {
 
 /// Reads the `DeliveryBatch` at `range` of `parent` (which starts at byte 0 of
 /// `message`).
-fn read_batch(
+fn read_batch<T>(
     message: &Bytes,
     parent: &In<'_>,
     range: std::ops::Range<usize>,
-    deliveries: &mut Vec<ReceivedDelivery>,
+    deliveries: &mut Vec<T>,
     topics: &mut TopicCache,
+    wrap: &mut impl FnMut(ReceivedDelivery) -> T,
 ) -> Result<(), WireError> {
     let base = range.start;
     let mut input = parent.nested(range);
@@ -351,7 +362,7 @@ fn read_batch(
             In::expect(wire_type, LEN)?;
             let at = input.len_delimited()?;
             let delivery = read_delivery(message, &input, base, at, topics)?;
-            deliveries.push(delivery);
+            deliveries.push(wrap(delivery));
         } else {
             input.skip(field, wire_type)?;
         }
