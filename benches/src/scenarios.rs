@@ -169,6 +169,11 @@ fn cpu(systems: &Systems, kind: Kind) -> Duration {
         .unwrap_or_default()
 }
 
+/// CPU time this process (the load generator) has used so far.
+fn own_cpu() -> Duration {
+    procfs::cpu_time(std::process::id()).unwrap_or_default()
+}
+
 fn progress(line: &str) {
     eprintln!("  {line}");
 }
@@ -193,6 +198,16 @@ pub async fn throughput(
                 "server_cpu_us_per_record",
                 "µs/record",
             );
+            // The load generator's CPU (this process: the system's client library
+            // publishing and consuming, and the harness around it), since it shares
+            // the cores with the server.
+            let mut client_cpu_us = Measurement::new(
+                "throughput",
+                &case,
+                kind,
+                "client_cpu_us_per_record",
+                "µs/record",
+            );
             let mut delivered =
                 Measurement::new("throughput", &case, kind, "delivered", "fraction");
             for rep in 0..sizes.reps {
@@ -209,6 +224,7 @@ pub async fn throughput(
                     None,
                 );
                 let cpu_before = cpu(systems, kind);
+                let client_cpu_before = own_cpu();
                 let body = payload(size);
                 let mut sent = 0u64;
                 while started.elapsed() < sizes.duration && sent < sizes.max_records {
@@ -219,6 +235,7 @@ pub async fn throughput(
                 expected.send_replace(sent);
                 let outcome = counter.finish().await?;
                 let server_cpu = cpu(systems, kind).saturating_sub(cpu_before);
+                let client_cpu = own_cpu().saturating_sub(client_cpu_before);
                 let elapsed = outcome
                     .last
                     .map_or(Duration::MAX, |last| last.duration_since(started));
@@ -226,6 +243,8 @@ pub async fn throughput(
                 rate.push(per_s);
                 mbs.push(per_s * size as f64 / 1e6);
                 cpu_us.push(server_cpu.as_secs_f64() * 1e6 / outcome.deliveries.max(1) as f64);
+                client_cpu_us
+                    .push(client_cpu.as_secs_f64() * 1e6 / outcome.deliveries.max(1) as f64);
                 delivered.push(outcome.deliveries as f64 / sent as f64);
                 progress(&format!(
                     "throughput {case} {} rep {}: {:.0} records/s, {} of {sent} delivered",
@@ -238,6 +257,7 @@ pub async fn throughput(
             results.add(rate);
             results.add(mbs);
             results.add(cpu_us);
+            results.add(client_cpu_us);
             results.add(delivered);
         }
     }

@@ -216,7 +216,9 @@ impl Consumer {
         let Some(events) = self.subscriber.next_events().await else {
             return Ok(false);
         };
-        for event in events {
+        // By reference: moving each ~150-byte event out of the vector was a
+        // measurable share of the load generator's CPU.
+        for event in &events {
             match event {
                 SubscriberEvent::Delivery(d) => f(&d.payload, d.subscription_ids.len()),
                 SubscriberEvent::Refused { id, error } => bail!("subscription {id}: {error}"),
