@@ -397,6 +397,8 @@ struct Batcher {
     /// Requests to the current stream and its answers.
     stream: Option<PublishStream>,
     in_flight: VecDeque<InFlight>,
+    /// In-flight batches waiting out a backoff (`retry_at` set).
+    waiting: usize,
     next_request: u64,
 }
 
@@ -407,6 +409,7 @@ impl Batcher {
             config,
             stream: None,
             in_flight: VecDeque::new(),
+            waiting: 0,
             next_request: 1,
         }
     }
@@ -546,12 +549,16 @@ impl Batcher {
                 // Sent again below with the rest, whatever its own backoff.
                 batch.retry_at = None;
             }
-            while self
+            self.waiting = 0;
+            // Every batch out of attempts fails, not only those at the front: one
+            // refused before may have used more than the batches ahead of it.
+            let max_retries = self.config.max_retries;
+            let (failed, kept): (VecDeque<InFlight>, VecDeque<InFlight>) = self
                 .in_flight
-                .front()
-                .is_some_and(|b| b.attempts > self.config.max_retries)
-            {
-                let batch = self.in_flight.pop_front().expect("checked");
+                .drain(..)
+                .partition(|b| b.attempts > max_retries);
+            self.in_flight = kept;
+            for batch in failed {
                 batch
                     .replies
                     .fail(ClientError::Unreachable("gave up after retries".into()));
@@ -580,6 +587,9 @@ impl Batcher {
 
     /// When the next refused batch is due to be sent again.
     fn next_retry(&self) -> Option<Instant> {
+        if self.waiting == 0 {
+            return None;
+        }
         self.in_flight.iter().filter_map(|b| b.retry_at).min()
     }
 
@@ -590,6 +600,7 @@ impl Batcher {
         for index in 0..self.in_flight.len() {
             if self.in_flight[index].retry_at.is_some_and(|at| at <= now) {
                 self.in_flight[index].retry_at = None;
+                self.waiting -= 1;
                 self.in_flight[index].request_id = self.next_request;
                 self.next_request += 1;
                 if self.send(index).await.is_err() {
@@ -631,6 +642,7 @@ impl Batcher {
                 if is_retryable_code(code) && batch.attempts <= self.config.max_retries {
                     let wait = self.config.retry_backoff * 2u32.saturating_pow(batch.attempts - 1);
                     batch.retry_at = Some(Instant::now() + wait.min(Duration::from_secs(2)));
+                    self.waiting += 1;
                 } else {
                     let batch = self.in_flight.remove(index).expect("found");
                     batch.replies.fail(ClientError::Refused {
