@@ -242,6 +242,7 @@ async fn run(args: RunArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let wants = |name: &str| args.scenarios.iter().any(|s| s == name);
 
+    let mut signals = StopSignals::install()?;
     let temp = tempfile::Builder::new()
         .prefix("switchyard-bench")
         .tempdir()?;
@@ -275,8 +276,9 @@ async fn run(args: RunArgs) -> Result<()> {
     // A run stopped by a signal stops its servers and removes its temporary
     // directory like one that failed: each leaves gigabytes behind otherwise.
     let result = tokio::select! {
+        biased;
+        signal = signals.recv() => Err(anyhow::anyhow!("stopped by {signal}")),
         result = run_scenarios(&mut systems, &kinds, &sizes, &wants, args.smoke) => result,
-        signal = stop_signal() => Err(anyhow::anyhow!("stopped by {signal}")),
     };
     if let Some(peers) = &systems.peers {
         peers.stop()?;
@@ -290,21 +292,30 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The first of SIGINT, SIGTERM and SIGHUP to arrive.
-async fn stop_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        // No handlers: the default actions apply.
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-        _ = hup.recv() => "SIGHUP",
+/// SIGINT and SIGTERM, caught from the start of a run: one that arrives while the
+/// peers are being installed or a server is starting is acted on as soon as the
+/// run gets back to its scenarios. (SIGHUP is left alone, so that a run started
+/// with `nohup` outlives its terminal.)
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+        })
+    }
+
+    /// The first of them to arrive.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "SIGINT",
+            _ = self.terminate.recv() => "SIGTERM",
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// The bench binary and the switchyard binary beside it.
 fn binaries() -> (&'static Path, PathBuf) {
@@ -39,6 +41,83 @@ fn left_in(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A bench run with its stderr read line by line aside. Dropping it kills the run
+/// and anything still running from its temporary directory, so that a failed
+/// assertion leaves nothing behind.
+struct Run {
+    child: Child,
+    tmp: PathBuf,
+    lines: mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Run {
+    fn start(command: &mut Command, tmp: &Path) -> Run {
+        let mut child = command
+            .env("TMPDIR", tmp)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        Run {
+            child,
+            tmp: tmp.to_owned(),
+            lines,
+            seen: String::new(),
+        }
+    }
+
+    /// Reads stderr until a line holds `needle`.
+    fn wait_for(&mut self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.seen.contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen += &(line + "\n"),
+                Err(_) => panic!("no {needle:?} within {limit:?}: {}", self.seen),
+            }
+        }
+    }
+
+    /// Waits for the run to exit (at most `limit`); its exit status and stderr.
+    fn finish(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {limit:?}: {}",
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The rest of stderr; a broker left running would hold the pipe open.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen += &(line + "\n");
+        }
+        (status, self.seen.clone())
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f"])
+            .arg(&self.tmp)
+            .status();
+    }
+}
+
 #[test]
 fn a_refused_write_ends_the_run_with_the_brokers_reason_and_cleans_up() {
     let (bench, switchyard) = binaries();
@@ -46,25 +125,21 @@ fn a_refused_write_ends_the_run_with_the_brokers_reason_and_cleans_up() {
     let tmp = tempfile::tempdir().unwrap();
     // One shard and a disk budget of one 2 MiB segment: the 1 KiB throughput run
     // (20 MB) fills it at once.
-    let output = Command::new(bench)
-        .args(["run", "--smoke", "--scenarios", "throughput,restart"])
-        .args([
-            "--systems",
-            "switchyard-durable",
-            "--payloads",
-            "1024",
-            "--out",
-        ])
-        .arg(out.path())
-        .env("SWITCHYARD_BIN", &switchyard)
-        .env("TMPDIR", tmp.path())
-        .env("SWITCHYARD_SHARDS", "1")
-        .env("SWITCHYARD_SEGMENT_MIB", "2")
-        .env("SWITCHYARD_DISK_BUDGET_MIB", "2")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{stderr}");
+    let mut run = Run::start(
+        Command::new(bench)
+            .args(["run", "--smoke", "--scenarios", "throughput,restart"])
+            .args(["--systems", "switchyard-durable", "--payloads", "1024"])
+            .arg("--out")
+            .arg(out.path())
+            .env("SWITCHYARD_BIN", &switchyard)
+            .env("SWITCHYARD_SHARDS", "1")
+            .env("SWITCHYARD_SEGMENT_MIB", "2")
+            .env("SWITCHYARD_DISK_BUDGET_MIB", "2"),
+        tmp.path(),
+    );
+    // Seconds; a producer that retried the refused batches would take an hour.
+    let (status, stderr) = run.finish(Duration::from_secs(120));
+    assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("ResourceExhausted") && stderr.contains("disk budget"),
         "{stderr}"
@@ -80,57 +155,30 @@ fn a_run_stopped_by_sigterm_stops_its_broker_and_removes_its_directory() {
     let (bench, switchyard) = binaries();
     let out = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(bench)
-        .args([
-            "run",
-            "--smoke",
-            "--systems",
-            "switchyard,switchyard-durable",
-        ])
-        .args(["--reps", "20", "--out"])
-        .arg(out.path())
-        .env("SWITCHYARD_BIN", &switchyard)
-        .env("TMPDIR", tmp.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    // Twenty repetitions of every scenario take far longer than this wait.
-    while !seen.contains("== throughput") {
-        assert_ne!(stderr.read_line(&mut seen).unwrap(), 0, "{seen}");
-    }
-    assert!(!processes_using(tmp.path()).is_empty(), "no broker running");
-    let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
+    // Twenty repetitions of every scenario: far longer than the test waits.
+    let mut run = Run::start(
+        Command::new(bench)
+            .args([
+                "run",
+                "--smoke",
+                "--systems",
+                "switchyard,switchyard-durable",
+            ])
+            .args(["--reps", "20", "--out"])
+            .arg(out.path())
+            .env("SWITCHYARD_BIN", &switchyard),
+        tmp.path(),
     );
-    let status = child.wait().unwrap();
-    // The rest of its stderr, read aside: a broker left running would hold the
-    // pipe open.
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
-        let _ = sender.send(rest);
-    });
-    seen += &receiver
-        .recv_timeout(std::time::Duration::from_secs(30))
-        .unwrap_or_default();
-    let left_running = processes_using(tmp.path());
-    if !left_running.is_empty() {
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-f"])
-            .arg(tmp.path())
-            .status();
-    }
-    assert!(left_running.is_empty(), "left running: {left_running:?}");
+    run.wait_for("== throughput", Duration::from_secs(60));
+    assert!(!processes_using(tmp.path()).is_empty(), "no broker running");
+    let pid = run.child.id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let (status, stderr) = run.finish(Duration::from_secs(60));
     assert!(!status.success());
-    assert!(seen.contains("stopped by SIGTERM"), "{seen}");
+    assert!(stderr.contains("stopped by SIGTERM"), "{stderr}");
+    let left_running = processes_using(tmp.path());
+    assert!(left_running.is_empty(), "left running: {left_running:?}");
     assert!(left_in(tmp.path()).is_empty(), "{:?}", left_in(tmp.path()));
     assert!(!out.path().join("results.json").exists());
 }
@@ -183,6 +231,10 @@ fn every_scenario_runs_against_every_system() {
         assert!(
             has("throughput", system, "records_per_s"),
             "throughput {system}"
+        );
+        assert!(
+            has("throughput", system, "client_cpu_us_per_record"),
+            "load generator CPU {system}"
         );
         assert!(has("latency", system, "p99_us"), "latency {system}");
         assert!(has("fanout", system, "deliveries_per_s"), "fanout {system}");

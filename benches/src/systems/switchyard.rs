@@ -126,8 +126,9 @@ impl Publisher {
         let config = ProducerConfig {
             ack: if durable { Ack::Durable } else { Ack::Written },
             max_in_flight: IN_FLIGHT,
-            // A refusal (a full disk) ends the run with the broker's reason: a
-            // measurement with retries in it would mean nothing.
+            // A refusal (a full disk) ends the run with the broker's reason, and
+            // so does a broken stream: a measurement with resends in it would
+            // mean nothing.
             max_retries: 0,
             ..ProducerConfig::default()
         };
