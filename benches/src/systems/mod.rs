@@ -502,3 +502,22 @@ impl Consumer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_little_free_space_is_refused_with_the_directory_and_both_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        check_free_space(dir.path(), 0).unwrap();
+        let error = check_free_space(dir.path(), u64::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(&dir.path().display().to_string()), "{error}");
+        assert!(error.contains("GiB free; this needs"), "{error}");
+        let missing = dir.path().join("missing");
+        let error = check_free_space(&missing, 0).unwrap_err().to_string();
+        assert!(error.contains("reading the free space of"), "{error}");
+    }
+}
