@@ -7,6 +7,7 @@
 //! - [`log`]: a shard's ordered list of segments addressed by log position.
 //! - [`registry`]: the packed open-addressing table mapping a topic to its latest record.
 //! - [`shard`]: the single-writer shard — append, read, recovery, retention, epochs.
+//! - `skips`: where busy topics' long skip pointers lead, so appends read no old records.
 //! - [`worker`]: the thread that owns a shard and runs group commit.
 //! - [`observer`]: the hook that tells of every append (the live tail).
 //! - [`store`]: the public entry point — a data directory of shards behind one handle.
@@ -25,6 +26,7 @@ pub mod recovery;
 pub mod registry;
 pub mod segment;
 pub mod shard;
+mod skips;
 pub mod stats;
 pub mod store;
 pub mod topic;

@@ -28,6 +28,7 @@ use crate::storage::record::{
 };
 use crate::storage::recovery::{RecoveryReport, ScanEvent, recover_shard, scan_segment};
 use crate::storage::registry::TopicTable;
+use crate::storage::skips::{self, SkipCache};
 use crate::storage::stats::ShardStats;
 use crate::storage::topic::{topic_hash, validate_topic_name};
 
@@ -155,6 +156,11 @@ pub struct Shard {
     /// Set when a sync failed: the page cache may have dropped data, so nothing more
     /// is acknowledged.
     failed: Option<String>,
+    /// Long skip targets of busy topics, so that appends do not read old records.
+    skips: SkipCache,
+    /// Tests: the most topic records back a skip walk has read.
+    #[cfg(test)]
+    walk_reach: std::cell::Cell<u64>,
 }
 
 impl Shard {
@@ -197,6 +203,9 @@ impl Shard {
                 epochs,
                 stats,
                 failed: None,
+                skips: SkipCache::default(),
+                #[cfg(test)]
+                walk_reach: Default::default(),
             },
             report,
         ))
@@ -319,6 +328,8 @@ impl Shard {
             std::sync::atomic::Ordering::Relaxed,
         );
         self.log.active_mut().discard_staged();
+        // Staged positions may be in it.
+        self.skips.clear();
     }
 
     /// Room for `bytes` in the newest segment; a failed seal stops the shard.
@@ -361,14 +372,32 @@ impl Shard {
                 } else {
                     latest.epoch
                 };
-                (
-                    offset,
-                    epoch,
-                    latest_pos,
-                    self.skip_target(latest_pos, latest, offset),
-                )
+                let level = offset.trailing_zeros();
+                let skip_pos = if level < skips::MIN_LEVEL {
+                    self.skip_target(latest_pos, latest, offset)
+                } else if let Some(pos) = self.skips.get(hash, topic, level) {
+                    // Retention may have dropped it since; the walk would not
+                    // reach it either.
+                    if pos < self.log.start() {
+                        NO_POSITION
+                    } else {
+                        pos
+                    }
+                } else {
+                    let pos = self.skip_target(latest_pos, latest, offset);
+                    if pos != NO_POSITION {
+                        self.skips
+                            .learned(hash, topic, level, offset & (offset - 1), pos);
+                    }
+                    pos
+                };
+                (offset, epoch, latest_pos, skip_pos)
             }
-            None => (0, self.epochs.next(), NO_POSITION, NO_POSITION),
+            None => {
+                // Created anew: what the cache knew of an earlier life is wrong.
+                self.skips.forget(hash, topic);
+                (0, self.epochs.next(), NO_POSITION, NO_POSITION)
+            }
         };
         let meta = FrameMeta {
             flags,
@@ -388,6 +417,7 @@ impl Shard {
             &record.payload,
         );
         segment.commit(written, now_ms);
+        self.skips.appended(hash, topic, offset, pos);
         match found {
             Some(index) => self.topics.set_pos(index, pos),
             None => {
@@ -419,6 +449,9 @@ impl Shard {
                 Some((m, _)) => (pos, meta) = (next, m),
                 None => return NO_POSITION,
             }
+            #[cfg(test)]
+            self.walk_reach
+                .set(self.walk_reach.get().max(offset - meta.offset.min(offset)));
         }
         if meta.offset == target {
             pos
@@ -966,6 +999,76 @@ mod tests {
         (from..from + 10)
             .map(|i| NewRecord::new("guild.1", format!("record {i}")))
             .collect()
+    }
+
+    /// Checks every record of `topic` points back at its previous record and at the
+    /// record `offset & (offset - 1)`; returns how many there are.
+    fn check_skip_pointers(shard: &Shard, topic: &str) -> u64 {
+        let mut positions = std::collections::HashMap::new();
+        let mut metas = Vec::new();
+        let mut pos = shard.latest_pos(topic).unwrap();
+        while pos != NO_POSITION {
+            let (meta, _) = shard.log.meta_at(pos).unwrap();
+            positions.insert(meta.offset, pos);
+            metas.push(meta);
+            pos = meta.prev_pos;
+        }
+        for meta in &metas {
+            if meta.offset > 0 {
+                let target = meta.offset & (meta.offset - 1);
+                assert_eq!(meta.skip_pos, positions[&target], "offset {}", meta.offset);
+                assert_eq!(meta.prev_pos, positions[&(meta.offset - 1)]);
+            }
+        }
+        metas.len() as u64
+    }
+
+    #[test]
+    fn appends_to_a_busy_topic_read_no_old_records_and_skip_pointers_stay_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shard = open(dir.path());
+        let n = 1u64 << 13;
+        for from in (0..n).step_by(100) {
+            let records: Vec<_> = (from..(from + 100).min(n))
+                .flat_map(|i| {
+                    [
+                        NewRecord::new("guild.1", format!("record {i}")),
+                        NewRecord::new("guild.2", format!("other {i}")),
+                    ]
+                })
+                .collect();
+            shard.append(&records, 1).unwrap();
+        }
+        assert_eq!(check_skip_pointers(&shard, "guild.1"), n);
+        assert_eq!(check_skip_pointers(&shard, "guild.2"), n);
+        // Without the cache the walk for offset 2^12 reads back to 2^11.
+        let reach = shard.walk_reach.get();
+        assert!(
+            reach <= 1 << skips::MIN_LEVEL,
+            "walks read {reach} records back"
+        );
+    }
+
+    #[test]
+    fn skip_pointers_stay_exact_when_busy_topics_evict_each_other_and_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut shard = open(dir.path());
+        shard.skips = SkipCache::with_capacity(1);
+        let topics = ["guild.1", "guild.2", "guild.3"];
+        for round in 0..40u64 {
+            // Runs of different lengths, so that each topic's coarse offsets fall
+            // while another holds the one entry.
+            for (i, topic) in topics.iter().enumerate() {
+                let records: Vec<_> = (0..(50 + 37 * i as u64 + round))
+                    .map(|j| NewRecord::new(*topic, format!("{round} {j}")))
+                    .collect();
+                shard.append(&records, 1).unwrap();
+            }
+        }
+        assert_eq!(shard.skips.len(), 1);
+        for topic in topics {
+            assert!(check_skip_pointers(&shard, topic) > 1 << (skips::MIN_LEVEL + 4));
+        }
     }
 
     #[test]
