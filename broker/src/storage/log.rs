@@ -15,6 +15,74 @@ use crate::storage::record::{
 };
 use crate::storage::segment::{SEGMENT_HEADER_LEN, Segment, sync_dir};
 
+/// A sync of the newest segment's data, to run on another thread while appends go
+/// on (see `worker`): the file, and how much of it the sync covers.
+#[derive(Debug)]
+pub struct SyncJob {
+    file: Arc<std::fs::File>,
+    path: PathBuf,
+    base: u64,
+    written: usize,
+    #[cfg(test)]
+    pub(crate) hold: Option<Arc<SyncHold>>,
+}
+
+impl SyncJob {
+    /// Forces the covered data to disk (`fdatasync`: data written to the file
+    /// before the call is on disk when it returns).
+    pub fn run(&self) -> Result<(), IoError> {
+        #[cfg(test)]
+        if let Some(hold) = &self.hold
+            && hold.pass()
+        {
+            return Err(IoError::new(
+                "syncing segment",
+                &self.path,
+                std::io::Error::other("injected sync failure"),
+            ));
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| IoError::new("syncing segment", &self.path, e))
+    }
+}
+
+/// Tests: holds sync jobs until released, then lets them pass or fail.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct SyncHold {
+    /// (released, fail, jobs started)
+    state: std::sync::Mutex<(bool, bool, usize)>,
+    changed: std::sync::Condvar,
+}
+
+#[cfg(test)]
+impl SyncHold {
+    /// Called by a job: waits for the release; true when the job is to fail.
+    fn pass(&self) -> bool {
+        let mut state = self.state.lock().unwrap();
+        state.2 += 1;
+        self.changed.notify_all();
+        while !state.0 {
+            state = self.changed.wait(state).unwrap();
+        }
+        state.1
+    }
+
+    pub(crate) fn wait_started(&self, jobs: usize) {
+        let mut state = self.state.lock().unwrap();
+        while state.2 < jobs {
+            state = self.changed.wait(state).unwrap();
+        }
+    }
+
+    pub(crate) fn release(&self, fail: bool) {
+        let mut state = self.state.lock().unwrap();
+        *state = (true, fail, state.2);
+        self.changed.notify_all();
+    }
+}
+
 /// Space reserved for segment files across a whole store, against an optional budget.
 #[derive(Debug)]
 pub struct DiskBudget {
@@ -241,6 +309,33 @@ impl SegmentLog {
 
     pub fn is_dirty(&self) -> bool {
         self.segments.last().is_some_and(Segment::is_dirty)
+    }
+
+    /// A sync of the newest segment's data written so far, if any is not on disk.
+    pub fn sync_job(&self) -> Option<SyncJob> {
+        let segment = self.segments.last().filter(|s| s.is_dirty())?;
+        let (file, written) = segment.sync_target();
+        Some(SyncJob {
+            file,
+            path: segment.path().to_owned(),
+            base: segment.base(),
+            written,
+            #[cfg(test)]
+            hold: None,
+        })
+    }
+
+    /// `job` succeeded. Its segment may have been sealed since (a seal syncs all of
+    /// it) or dropped: then there is nothing to note.
+    pub fn synced(&mut self, job: &SyncJob) {
+        if let Some(segment) = self
+            .segments
+            .iter_mut()
+            .rev()
+            .find(|s| s.base() == job.base)
+        {
+            segment.synced_to(job.written);
+        }
     }
 
     /// Forces the newest segment's data to disk (older ones were synced when sealed).

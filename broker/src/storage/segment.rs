@@ -27,6 +27,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use std::os::unix::fs::FileExt;
 
@@ -118,8 +119,9 @@ pub struct Segment {
     path: PathBuf,
     /// Log position of byte 0 of the file: positions are global within a shard.
     base: u64,
-    /// Written with `pwrite`; kept open to remap when the segment is sealed.
-    file: File,
+    /// Written with `pwrite`; kept open to remap when the segment is sealed. Shared
+    /// with the shard's sync thread (`Segment::sync_target`).
+    file: Arc<File>,
     /// The whole file, mapped shared and read-only (the data directory is locked by
     /// this process, see `Store::open`).
     map: Mmap,
@@ -231,7 +233,7 @@ impl Segment {
         Ok(Segment {
             path: path.to_owned(),
             base,
-            file,
+            file: Arc::new(file),
             map,
             len: SEGMENT_HEADER_LEN,
             written: SEGMENT_HEADER_LEN,
@@ -276,7 +278,7 @@ impl Segment {
         let segment = Segment {
             path: path.to_owned(),
             base,
-            file,
+            file: Arc::new(file),
             map,
             len: file_len,
             written: file_len,
@@ -416,6 +418,19 @@ impl Segment {
     /// True when written data not known to be on disk exists.
     pub fn is_dirty(&self) -> bool {
         self.synced_len < self.written
+    }
+
+    /// What a sync started now covers: the file, and the bytes written to it so far
+    /// (see [`Segment::synced_to`]).
+    pub fn sync_target(&self) -> (Arc<File>, usize) {
+        (self.file.clone(), self.written)
+    }
+
+    /// A sync of the file that started when `written` bytes had been written to it
+    /// succeeded: those bytes are on disk.
+    pub fn synced_to(&mut self, written: usize) {
+        debug_assert!(written <= self.written);
+        self.synced_len = self.synced_len.max(written.min(self.written));
     }
 
     /// Forces written data to disk. Staged frames are not written by it: a batch is

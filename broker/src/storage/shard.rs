@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use crate::storage::config::Retention;
 use crate::storage::error::{AppendError, IoError, OpenError, ReadError};
-use crate::storage::log::{DiskBudget, SegmentLog};
+use crate::storage::log::{DiskBudget, SegmentLog, SyncJob};
 use crate::storage::record::{
     FLAG_BATCH_END, FrameMeta, MAX_HEADER_KEY_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
     NO_POSITION, NewRecord, Record, encode_frame, frame_len, headers_encoded_len, padded_len,
@@ -161,6 +161,9 @@ pub struct Shard {
     /// Tests: the most topic records back a skip walk has read.
     #[cfg(test)]
     walk_reach: std::cell::Cell<u64>,
+    /// Tests: holds the sync jobs handed out.
+    #[cfg(test)]
+    pub(crate) sync_hold: Option<Arc<crate::storage::log::SyncHold>>,
 }
 
 impl Shard {
@@ -206,6 +209,8 @@ impl Shard {
                 skips: SkipCache::default(),
                 #[cfg(test)]
                 walk_reach: Default::default(),
+                #[cfg(test)]
+                sync_hold: None,
             },
             report,
         ))
@@ -473,6 +478,39 @@ impl Shard {
         if let Err(error) = &result {
             tracing::error!(shard = self.options.id, %error, "sync failed; the shard stops accepting appends");
             self.failed = Some(error.to_string());
+        }
+        result
+    }
+
+    /// A sync of what is written and not yet on disk, for another thread to run (see
+    /// `worker`); appends may go on meanwhile. Report its end to
+    /// [`Shard::sync_finished`].
+    pub fn sync_job(&self) -> Option<SyncJob> {
+        #[allow(unused_mut)]
+        let mut job = self.log.sync_job()?;
+        #[cfg(test)]
+        {
+            job.hold = self.sync_hold.clone();
+        }
+        Some(job)
+    }
+
+    /// `job` ended with `result` after `took`. A failure stops the shard, as in
+    /// [`Shard::sync`].
+    pub fn sync_finished(
+        &mut self,
+        job: &SyncJob,
+        result: Result<(), IoError>,
+        took: std::time::Duration,
+    ) -> Result<(), IoError> {
+        ShardStats::add(&self.stats.fsyncs, 1);
+        ShardStats::add(&self.stats.fsync_nanos, took.as_nanos() as u64);
+        match &result {
+            Ok(()) => self.log.synced(job),
+            Err(error) => {
+                tracing::error!(shard = self.options.id, %error, "sync failed; the shard stops accepting appends");
+                self.failed = Some(error.to_string());
+            }
         }
         result
     }
