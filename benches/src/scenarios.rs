@@ -232,6 +232,10 @@ pub async fn throughput(
                     sent += CHUNK as u64;
                 }
                 publisher.flush().await?;
+                // How far the consumer trails when the last acknowledgement is in (a
+                // consumer that cannot keep up shows here, and in the rate).
+                let behind = sent.saturating_sub(counter.received.load(Ordering::Relaxed));
+                let published = started.elapsed();
                 expected.send_replace(sent);
                 let outcome = counter.finish().await?;
                 let server_cpu = cpu(systems, kind).saturating_sub(cpu_before);
@@ -247,11 +251,12 @@ pub async fn throughput(
                     .push(client_cpu.as_secs_f64() * 1e6 / outcome.deliveries.max(1) as f64);
                 delivered.push(outcome.deliveries as f64 / sent as f64);
                 progress(&format!(
-                    "throughput {case} {} rep {}: {:.0} records/s, {} of {sent} delivered",
+                    "throughput {case} {} rep {}: {:.0} records/s, {} of {sent} delivered; {behind} behind after {:.2} s of publishing",
                     kind.label(),
                     rep + 1,
                     per_s,
-                    outcome.deliveries
+                    outcome.deliveries,
+                    published.as_secs_f64(),
                 ));
             }
             results.add(rate);
