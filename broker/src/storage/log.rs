@@ -47,7 +47,7 @@ impl SyncJob {
     }
 }
 
-/// Tests: holds sync jobs until released, then lets them pass or fail.
+/// Tests: holds sync jobs until released, then lets them pass, or fails the first.
 #[cfg(test)]
 #[derive(Debug, Default)]
 pub(crate) struct SyncHold {
@@ -58,7 +58,8 @@ pub(crate) struct SyncHold {
 
 #[cfg(test)]
 impl SyncHold {
-    /// Called by a job: waits for the release; true when the job is to fail.
+    /// Called by a job: waits for the release; true when the job is to fail (only
+    /// the first after a failing release: a retried sync may well succeed).
     fn pass(&self) -> bool {
         let mut state = self.state.lock().unwrap();
         state.2 += 1;
@@ -66,13 +67,21 @@ impl SyncHold {
         while !state.0 {
             state = self.changed.wait(state).unwrap();
         }
-        state.1
+        std::mem::take(&mut state.1)
     }
 
+    /// Waits until `jobs` jobs have started; panics (releasing them) after 10 s.
     pub(crate) fn wait_started(&self, jobs: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut state = self.state.lock().unwrap();
         while state.2 < jobs {
-            state = self.changed.wait(state).unwrap();
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                *state = (true, false, state.2);
+                self.changed.notify_all();
+                panic!("{} sync jobs started, not {jobs}", state.2);
+            }
+            state = self.changed.wait_timeout(state, left).unwrap().0;
         }
     }
 

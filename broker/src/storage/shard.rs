@@ -1066,8 +1066,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut shard = open(dir.path());
         let n = 1u64 << 13;
-        for from in (0..n).step_by(100) {
-            let records: Vec<_> = (from..(from + 100).min(n))
+        let append = |shard: &mut Shard, from: u64, to: u64| {
+            let records: Vec<_> = (from..to)
                 .flat_map(|i| {
                     [
                         NewRecord::new("guild.1", format!("record {i}")),
@@ -1076,13 +1076,20 @@ mod tests {
                 })
                 .collect();
             shard.append(&records, 1).unwrap();
+        };
+        // Offset 64 is the one walk to offset 0 the cache needs.
+        append(&mut shard, 0, 128);
+        let warm_up = shard.walk_reach.replace(0);
+        assert_eq!(warm_up, 1 << skips::MIN_LEVEL);
+        for from in (128..n).step_by(100) {
+            append(&mut shard, from, (from + 100).min(n));
         }
         assert_eq!(check_skip_pointers(&shard, "guild.1"), n);
         assert_eq!(check_skip_pointers(&shard, "guild.2"), n);
-        // Without the cache the walk for offset 2^12 reads back to 2^11.
+        // Without the cache the walk for offset 2^12 reads back to offset 0.
         let reach = shard.walk_reach.get();
         assert!(
-            reach <= 1 << skips::MIN_LEVEL,
+            reach <= 1 << (skips::MIN_LEVEL - 1),
             "walks read {reach} records back"
         );
     }

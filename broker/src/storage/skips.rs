@@ -4,25 +4,25 @@
 //! A record's `skip_pos` points at its topic's record `offset & (offset - 1)` (see
 //! [`crate::storage::shard`]). The shard finds it by walking back along the topic's
 //! chain from the latest record, and for an offset with `k` trailing zero bits the
-//! walk reads records up to `2^(k-1)` of the topic's records back: at a power of two,
-//! half of the topic's history back. Those records are old. With a page-cache window
-//! (`StoreConfig::page_cache_per_shard`) they have left memory, so the append stalls
-//! the shard's thread on a disk read, and every record behind it waits — appends,
-//! acknowledgements and live deliveries alike. Measured (100 B records, one topic,
-//! 64 MiB window, ~1M records/s): a page fault every 2^19 records, i.e. about every
-//! half second, reading ~7 MB each (readahead), with publish-to-delivery latency
-//! above 8 ms for 10–40 ms after each.
+//! walk reads records up to `2^k` of the topic's records back (the target itself): at
+//! a power of two, the whole of the topic's history. Those records are old. With a
+//! page-cache window (`StoreConfig::page_cache_per_shard`) they have left memory, so
+//! the append stalls the shard's thread on a disk read, and every append behind it
+//! waits. Measured (100 B records, one topic, 64 MiB window, ~2M records/s): a major
+//! fault every 2^19 records, 25–40 MB/s read back from the disk (readahead).
 //!
 //! For a topic whose offset has reached `2^MIN_LEVEL`, the cache keeps, for each
 //! level `j ≥ MIN_LEVEL`, the position of the topic's latest record whose offset is a
 //! multiple of `2^j`. That is exactly the skip target of an offset with `j` trailing
 //! zeros, so such appends read nothing; shorter walks (at most `2^(MIN_LEVEL-1)`
-//! records back) stay, and touch recent records only while the topic is busy. The
-//! entry is kept up to date by every append at such an offset; a level not seen
-//! since the entry was made is learned from one walk.
+//! records back, the target included) stay, and touch recent records only while the
+//! topic is busy. The entry is kept up to date by every append at such an offset; a
+//! level not seen since the entry was made is learned from one walk.
 //!
-//! Bounds: at most `CAPACITY` topics per shard (the least recently used goes), each
-//! ~200 bytes, so at most ~0.3 MB per shard; a topic of a few records never enters.
+//! Bounds: at most `CAPACITY` topics per shard (the least recently used goes; a full
+//! cache scans its entries to find it), each up to ~600 bytes with its name and the
+//! map's overhead (58 levels of 8 bytes once offset 0 is learned), so at most ~0.7 MB
+//! per shard; a topic of fewer than 64 records never enters.
 //! Nothing here is persistent: after a restart the cache fills again as topics grow.
 
 use std::collections::HashMap;
@@ -34,8 +34,7 @@ use crate::storage::record::NO_POSITION;
 pub const MIN_LEVEL: u32 = 6;
 /// Topics per shard the cache follows.
 const CAPACITY: usize = 1024;
-/// A level the entry has not learned yet (`NO_POSITION` is a known answer: the
-/// target is not retained, or a walk found nothing).
+/// A level the entry has not learned yet.
 const UNKNOWN: u64 = NO_POSITION - 1;
 
 /// The map's keys are already topic hashes (xxh3): use them as they are.
@@ -97,8 +96,8 @@ impl SkipCache {
     }
 
     /// The position of the topic's latest record whose offset is a multiple of
-    /// `2^level` (`level ≥ MIN_LEVEL`), if known. `Some(NO_POSITION)` is a known
-    /// "none retained".
+    /// `2^level` (`level ≥ MIN_LEVEL`), if known. (It may have been dropped by
+    /// retention since: the caller checks.)
     pub fn get(&mut self, hash: u64, topic: &[u8], level: u32) -> Option<u64> {
         debug_assert!(level >= MIN_LEVEL);
         self.clock += 1;

@@ -143,12 +143,16 @@ impl Syncer {
     /// The running sync ended: answers the appends it covered.
     fn finish(&mut self, shard: &mut Shard, (job, result, took): Finished) {
         let covered = self.running.take().unwrap_or_default();
-        match shard.sync_finished(&job, result, took) {
-            Ok(()) => {
+        match (shard.sync_finished(&job, result, took), failed(shard)) {
+            (Ok(()), None) => {
                 answer(covered.into_iter(), Ok(()), shard.id());
                 shard.release_page_cache();
             }
-            Err(error) => answer(covered.into_iter(), Err(&error.to_string()), shard.id()),
+            (Err(error), _) => answer(covered.into_iter(), Err(&error.to_string()), shard.id()),
+            // Another sync of the file failed meanwhile (a seal's): the kernel reports
+            // a write-back error to one caller only, so this one's success proves
+            // nothing.
+            (Ok(()), Some(reason)) => answer(covered.into_iter(), Err(&reason), shard.id()),
         }
     }
 
@@ -208,12 +212,13 @@ fn answer(waiters: impl Iterator<Item = Waiter>, sync: Result<(), &str>, shard: 
     }
 }
 
-/// Why appends can no longer be promised durable, if they cannot: after a failed
-/// sync a later one may succeed although the kernel dropped data in between.
+/// Why appends can no longer be promised durable, if they cannot: the shard failed
+/// (a sync or a write), and after a failed sync a later one may succeed although
+/// the kernel dropped data in between.
 fn failed(shard: &Shard) -> Option<String> {
     shard
         .failure()
-        .map(|reason| format!("an earlier sync failed: {reason}"))
+        .map(|reason| format!("the shard failed earlier: {reason}"))
 }
 
 /// What woke the shard's thread.
@@ -270,7 +275,16 @@ pub(crate) fn run(
             Event::Timeout => None,
             Event::Disconnected => {
                 syncer.settle(&mut shard);
-                let _ = shard.sync();
+                let synced = shard.sync().map_err(|e| e.to_string());
+                let outcome = match (synced, failed(&shard)) {
+                    (Ok(()), None) => Ok(()),
+                    (Err(reason), _) | (Ok(()), Some(reason)) => Err(reason),
+                };
+                answer(
+                    waiting.drain(..),
+                    outcome.as_ref().map_err(String::as_str).copied(),
+                    shard.id(),
+                );
                 return;
             }
         };
@@ -324,8 +338,12 @@ pub(crate) fn run(
             return;
         }
         let now = Instant::now();
+        // While a sync runs the data it covers still counts as dirty: the timer is
+        // set once it ends, for what was written since. A failed shard syncs no more.
         if let FsyncPolicy::Interval(every) = fsync
             && sync_due.is_none()
+            && !syncer.is_running()
+            && shard.failure().is_none()
             && shard.is_dirty()
         {
             sync_due = Some(now + every);
@@ -390,6 +408,22 @@ mod tests {
         answer
     }
 
+    /// The answer, or a panic (releasing the hold, so no thread stays stuck) after
+    /// 10 s.
+    fn within(mut answer: Answer, hold: &SyncHold) -> Result<Vec<Appended>, AppendError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match answer.try_recv() {
+                Ok(result) => return result,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(error) => {
+                    hold.release(false);
+                    panic!("no answer in 10 s: {error:?}");
+                }
+            }
+        }
+    }
+
     fn stop(shard: &crossbeam_channel::Sender<Command>) -> Result<(), IoError> {
         let (reply, stopped) = crossbeam_channel::bounded(1);
         shard.send(Command::Stop { reply }).unwrap();
@@ -403,27 +437,16 @@ mod tests {
         let mut first = append(&shard, "a", Ack::Durable);
         hold.wait_started(1);
         // The sync is running (and held): a written append is answered meanwhile.
-        let mut written = append(&shard, "b", Ack::Written);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let written = loop {
-            match written.try_recv() {
-                Ok(result) => break result,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(error) => {
-                    hold.release(false);
-                    panic!("a written append waited for a running sync: {error:?}");
-                }
-            }
-        };
+        let written = within(append(&shard, "b", Ack::Written), &hold);
         assert_eq!(written.unwrap()[0].offset, 1);
         let mut third = append(&shard, "c", Ack::Durable);
         std::thread::sleep(Duration::from_millis(50));
         assert!(first.try_recv().is_err(), "answered before its sync ended");
         assert!(third.try_recv().is_err());
         hold.release(false);
-        assert_eq!(first.blocking_recv().unwrap().unwrap()[0].offset, 0);
+        assert_eq!(within(first, &hold).unwrap()[0].offset, 0);
         // The third append waited for a sync of its own, started after the first.
-        assert_eq!(third.blocking_recv().unwrap().unwrap()[0].offset, 2);
+        assert_eq!(within(third, &hold).unwrap()[0].offset, 2);
         hold.wait_started(2);
         stop(&shard).unwrap();
     }
@@ -434,27 +457,25 @@ mod tests {
         let (shard, hold) = start(dir.path());
         let first = append(&shard, "a", Ack::Durable);
         hold.wait_started(1);
-        // Accepted while the failing sync runs; a later sync could succeed although
-        // the kernel dropped its data, so it must not be called durable either.
+        // Accepted while the failing sync runs. The next sync would succeed (the
+        // hold fails only the first), but the kernel may have dropped its data, so
+        // it must not be called durable either.
         let second = append(&shard, "b", Ack::Durable);
         std::thread::sleep(Duration::from_millis(50));
         hold.release(true);
         for answer in [first, second] {
-            let error = answer.blocking_recv().unwrap().unwrap_err();
+            let error = within(answer, &hold).unwrap_err();
             assert!(
                 matches!(&error, AppendError::ShardFailed { reason, .. } if reason.contains("sync")),
                 "{error:?}"
             );
         }
-        let later = append(&shard, "c", Ack::Written).blocking_recv().unwrap();
+        let later = within(append(&shard, "c", Ack::Written), &hold);
         assert!(
             matches!(later, Err(AppendError::ShardFailed { .. })),
             "{later:?}"
         );
         let closed = stop(&shard).unwrap_err();
-        assert!(
-            closed.to_string().contains("earlier sync failed"),
-            "{closed}"
-        );
+        assert!(closed.to_string().contains("failed earlier"), "{closed}");
     }
 }
