@@ -221,6 +221,28 @@ fn failed(shard: &Shard) -> Option<String> {
         .map(|reason| format!("the shard failed earlier: {reason}"))
 }
 
+/// The last sync, when the shard stops: waits for the running one, syncs the rest
+/// and answers every append still waiting.
+fn close(shard: &mut Shard, syncer: &mut Syncer, waiting: &mut Vec<Waiter>) -> Result<(), IoError> {
+    syncer.settle(shard);
+    let synced = shard.sync();
+    // A shard that failed a sync earlier must not let the store be marked clean: a
+    // later sync can succeed although the earlier data was dropped.
+    let result = match (synced, failed(shard)) {
+        (Ok(()), Some(reason)) => Err(IoError::new(
+            "closing shard",
+            shard.dir(),
+            std::io::Error::other(reason),
+        )),
+        (result, _) => result,
+    };
+    match &result {
+        Ok(()) => answer(waiting.drain(..), Ok(()), shard.id()),
+        Err(error) => answer(waiting.drain(..), Err(&error.to_string()), shard.id()),
+    }
+    result
+}
+
 /// What woke the shard's thread.
 enum Event {
     Command(Command),
@@ -274,17 +296,7 @@ pub(crate) fn run(
             }
             Event::Timeout => None,
             Event::Disconnected => {
-                syncer.settle(&mut shard);
-                let synced = shard.sync().map_err(|e| e.to_string());
-                let outcome = match (synced, failed(&shard)) {
-                    (Ok(()), None) => Ok(()),
-                    (Err(reason), _) | (Ok(()), Some(reason)) => Err(reason),
-                };
-                answer(
-                    waiting.drain(..),
-                    outcome.as_ref().map_err(String::as_str).copied(),
-                    shard.id(),
-                );
+                let _ = close(&mut shard, &mut syncer, &mut waiting);
                 return;
             }
         };
@@ -317,22 +329,7 @@ pub(crate) fn run(
             }
         }
         if let Some(reply) = stop {
-            syncer.settle(&mut shard);
-            let sync_result = shard.sync();
-            // A shard that failed a sync earlier must not let the store be marked
-            // clean: a later sync can succeed although the earlier data was dropped.
-            let result = match (sync_result, failed(&shard)) {
-                (Ok(()), Some(reason)) => Err(IoError::new(
-                    "closing shard",
-                    shard.dir(),
-                    std::io::Error::other(reason),
-                )),
-                (result, _) => result,
-            };
-            match &result {
-                Ok(()) => answer(waiting.drain(..), Ok(()), shard.id()),
-                Err(error) => answer(waiting.drain(..), Err(&error.to_string()), shard.id()),
-            }
+            let result = close(&mut shard, &mut syncer, &mut waiting);
             drop(syncer);
             let _ = reply.send(result);
             return;
