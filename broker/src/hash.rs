@@ -30,3 +30,26 @@ impl Hasher for IntHasher {
 
 /// Builds [`IntHasher`]s for `HashMap`s.
 pub type BuildIntHasher = BuildHasherDefault<IntHasher>;
+
+/// For keys that are already good 64-bit hashes (xxh3 of a topic name, of a filter
+/// context): uses them as they are.
+#[derive(Debug, Default)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+pub type BuildIdentityHasher = BuildHasherDefault<IdentityHasher>;

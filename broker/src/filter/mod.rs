@@ -539,26 +539,6 @@ fn log_failure(filter: &LoadedFilter, event: &EventView<'_>, error: &EvalError) 
     }
 }
 
-/// Hashes a context hash by itself (it is already a good hash).
-#[derive(Default)]
-struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
-    }
-}
-
 /// A verdict known for a record, or the index of the pending judgement that makes it.
 #[derive(Debug, Clone, Copy)]
 enum Verdict {
@@ -566,7 +546,8 @@ enum Verdict {
     Pending(usize),
 }
 
-type ByHash = HashMap<u64, (Context, Verdict), std::hash::BuildHasherDefault<IdentityHasher>>;
+/// Keyed by a context's hash, used as it is.
+type ByHash = HashMap<u64, (Context, Verdict), crate::hash::BuildIdentityHasher>;
 
 /// The verdicts of one filter for one record.
 struct FilterVerdicts {

@@ -26,8 +26,8 @@
 //! Nothing here is persistent: after a restart the cache fills again as topics grow.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::hash::BuildIdentityHasher;
 use crate::storage::record::NO_POSITION;
 
 /// Offsets with fewer trailing zero bits than this are walked to, as before.
@@ -36,26 +36,6 @@ pub const MIN_LEVEL: u32 = 6;
 const CAPACITY: usize = 1024;
 /// A level the entry has not learned yet.
 const UNKNOWN: u64 = NO_POSITION - 1;
-
-/// The map's keys are already topic hashes (xxh3): use them as they are.
-#[derive(Default)]
-struct TopicHashHasher(u64);
-
-impl Hasher for TopicHashHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
 
 #[derive(Debug)]
 struct Entry {
@@ -71,7 +51,8 @@ struct Entry {
 /// The skip targets of a shard's busy topics.
 #[derive(Debug, Default)]
 pub struct SkipCache {
-    entries: HashMap<u64, Entry, BuildHasherDefault<TopicHashHasher>>,
+    /// Keyed by the topic's hash (xxh3), used as it is.
+    entries: HashMap<u64, Entry, BuildIdentityHasher>,
     clock: u64,
     capacity: Option<usize>,
 }
