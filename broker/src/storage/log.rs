@@ -13,7 +13,7 @@ use crate::storage::error::{AppendError, IoError};
 use crate::storage::record::{
     DecodeError, FrameMeta, FrameView, decode_frame, decode_frame_unchecked,
 };
-use crate::storage::segment::{SEGMENT_HEADER_LEN, Segment, sync_dir};
+use crate::storage::segment::{CacheRelease, SEGMENT_HEADER_LEN, Segment, sync_dir};
 
 /// A sync of the newest segment's data, to run on another thread while appends go
 /// on (see `worker`): the file, and how much of it the sync covers.
@@ -356,27 +356,33 @@ impl SegmentLog {
     }
 
     /// Drops from the page cache the synced data more than `keep` bytes behind the
-    /// newest synced byte (see [`Segment::release_cache`]); does nothing until there
+    /// newest synced byte (see [`Segment::release_cache`]: the returned releases
+    /// finish the job, on any thread); does nothing until there
     /// are at least `CACHE_RELEASE_STEP` bytes to drop, so up to `keep` plus 4 MiB
     /// of synced data stay cached, besides unsynced data and what reads bring back.
-    pub fn release_cache(&mut self, keep: u64) {
+    pub fn release_cache(&mut self, keep: u64) -> Vec<CacheRelease> {
+        let mut releases = Vec::new();
         let Some(newest) = self.segments.last() else {
-            return;
+            return releases;
         };
         let target = newest.synced_end().saturating_sub(keep);
         if target < self.cache_released_to + CACHE_RELEASE_STEP {
-            return;
+            return releases;
         }
         for segment in self.segments.iter_mut().rev() {
             if segment.end() <= self.cache_released_to {
                 break;
             }
             if segment.base() < target {
-                segment
-                    .release_cache(usize::try_from(target - segment.base()).unwrap_or(usize::MAX));
+                releases.extend(
+                    segment.release_cache(
+                        usize::try_from(target - segment.base()).unwrap_or(usize::MAX),
+                    ),
+                );
             }
         }
         self.cache_released_to = target;
+        releases
     }
 
     /// Deletes the oldest segment, unless it is the only one. Returns whether one was

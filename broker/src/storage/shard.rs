@@ -28,6 +28,7 @@ use crate::storage::record::{
 };
 use crate::storage::recovery::{RecoveryReport, ScanEvent, recover_shard, scan_segment};
 use crate::storage::registry::TopicTable;
+use crate::storage::segment::CacheRelease;
 use crate::storage::skips::{self, SkipCache};
 use crate::storage::stats::ShardStats;
 use crate::storage::topic::{topic_hash, validate_topic_name};
@@ -516,11 +517,13 @@ impl Shard {
     }
 
     /// Drops synced data behind the page-cache window from the page cache, when the
-    /// shard has one (`StoreConfig::page_cache_per_shard`). Run after a sync, once
-    /// the appends waiting for it are answered.
-    pub fn release_page_cache(&mut self) {
-        if let Some(keep) = self.options.page_cache_per_shard {
-            self.log.release_cache(keep);
+    /// shard has one (`StoreConfig::page_cache_per_shard`): unmaps it here and
+    /// returns the rest of the work (see [`SegmentLog::release_cache`]). Run after a
+    /// sync, once the appends waiting for it are answered.
+    pub fn release_page_cache(&mut self) -> Vec<CacheRelease> {
+        match self.options.page_cache_per_shard {
+            Some(keep) => self.log.release_cache(keep),
+            None => Vec::new(),
         }
     }
 
