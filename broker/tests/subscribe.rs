@@ -426,22 +426,23 @@ async fn a_reused_subscription_id_never_gets_records_of_its_old_use() {
     subscriber.add(1, "guild.b", latest()).await;
     // Until Removed, records of guild.a may come; after it, only guild.b's. guild.b is
     // published once the new use has started, so that `latest` is offset 0 (the add is
-    // only queued when `add` returns).
+    // only queued when `add` returns); guild.a's live records race the remove.
     let mut producer = broker.client().await;
+    publish_n(&mut producer, "guild.a", 3000..3100).await;
     let mut removed = false;
     let mut started = false;
     let mut from_b = Vec::new();
     while from_b.len() < 5 {
         match subscriber.next().await.unwrap() {
-            Event::Update(update) => match update.state {
+            Event::Update(update) => match &update.state {
                 Some(State::Removed(_)) => removed = true,
                 Some(State::Started(next)) if removed => {
                     assert!(!started, "the new use started twice");
-                    assert_eq!(next.next.unwrap().offset, 0);
+                    assert_eq!(next.next.as_ref().unwrap().offset, 0);
                     started = true;
-                    publish_n(&mut producer, "guild.a", 3000..3100).await;
                     publish_n(&mut producer, "guild.b", 0..5).await;
                 }
+                Some(State::Error(_) | State::HistoryLost(_)) => panic!("{update:?}"),
                 _ => {}
             },
             Event::Deliveries(batch) => {
