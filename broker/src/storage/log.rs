@@ -359,7 +359,8 @@ impl SegmentLog {
     /// newest synced byte (see [`Segment::release_cache`]: the returned releases
     /// finish the job, on any thread); does nothing until there
     /// are at least `CACHE_RELEASE_STEP` bytes to drop, so up to `keep` plus 4 MiB
-    /// of synced data stay cached, besides unsynced data and what reads bring back.
+    /// of synced data stay cached (plus releases not yet run), besides unsynced data
+    /// and what reads bring back.
     pub fn release_cache(&mut self, keep: u64) -> Vec<CacheRelease> {
         let mut releases = Vec::new();
         let Some(newest) = self.segments.last() else {

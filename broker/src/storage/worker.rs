@@ -52,8 +52,9 @@ type Waiter = (AppendReply, Result<Vec<Appended>, AppendError>);
 /// A sync that ended: the job, its result and how long it took.
 type Finished = (SyncJob, Result<(), IoError>, Duration);
 
-/// A sync for the sync thread, and page-cache releases to run after it.
-type Work = (SyncJob, Vec<CacheRelease>);
+/// How much of a page-cache release the sync thread does before it looks for a
+/// sync to run first.
+const RELEASE_PIECE: u64 = 1 << 20;
 
 /// The shard's sync thread: it runs one sync at a time while the shard's thread
 /// goes on appending (and delivering live records), so that no append — and no
@@ -62,43 +63,32 @@ type Work = (SyncJob, Vec<CacheRelease>);
 /// starts after them; the next sync starts when the running one ends.
 ///
 /// The sync thread also drops released pages from the page cache
-/// ([`CacheRelease`]), after reporting the sync they follow: `posix_fadvise` took
-/// 0.3–6 ms per 4 MiB on the shard's thread.
+/// ([`CacheRelease`]; `posix_fadvise` took 0.3–14 ms per 4 MiB step on the
+/// shard's thread), in pieces of 1 MiB, and runs any sync asked for first.
 struct Syncer {
-    jobs: Option<crossbeam_channel::Sender<Work>>,
+    jobs: Option<crossbeam_channel::Sender<SyncJob>>,
+    releases: Option<crossbeam_channel::Sender<CacheRelease>>,
     finished: Receiver<Finished>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Appends the running sync covers; `None` when no sync runs.
     running: Option<Vec<Waiter>>,
-    /// Page-cache releases for the next sync job to carry.
-    releases: Vec<CacheRelease>,
 }
 
 impl Syncer {
     fn start(shard: u32) -> Syncer {
-        let (jobs, pending) = crossbeam_channel::bounded::<Work>(1);
+        let (jobs, pending) = crossbeam_channel::bounded::<SyncJob>(1);
+        let (releases, to_release) = crossbeam_channel::unbounded::<CacheRelease>();
         let (done, finished) = crossbeam_channel::bounded::<Finished>(1);
         let thread = std::thread::Builder::new()
             .name(format!("sync-{shard}"))
-            .spawn(move || {
-                for (job, releases) in pending {
-                    let started = Instant::now();
-                    let result = job.run();
-                    if done.send((job, result, started.elapsed())).is_err() {
-                        return;
-                    }
-                    for release in releases {
-                        release.run();
-                    }
-                }
-            });
+            .spawn(move || sync_thread(&pending, &to_release, &done));
         match thread {
             Ok(thread) => Syncer {
                 jobs: Some(jobs),
+                releases: Some(releases),
                 finished,
                 thread: Some(thread),
                 running: None,
-                releases: Vec::new(),
             },
             Err(error) => {
                 // Syncs then run on the shard's own thread, as they did before.
@@ -106,9 +96,9 @@ impl Syncer {
                 Syncer {
                     jobs: None,
                     finished: crossbeam_channel::never(),
+                    releases: None,
                     thread: None,
                     running: None,
-                    releases: Vec::new(),
                 }
             }
         }
@@ -128,22 +118,19 @@ impl Syncer {
         }
         let Some(job) = shard.sync_job() else {
             answer(waiting.drain(..), Ok(()), shard.id());
-            // Nothing to sync, so nothing waits: release here, now.
-            self.releases.extend(shard.release_page_cache());
-            self.release_here();
+            self.release(shard);
             return;
         };
         let covered = std::mem::take(waiting);
         match &self.jobs {
             Some(jobs) => {
                 self.running = Some(covered);
-                if let Err(unsent) = jobs.send((job, std::mem::take(&mut self.releases))) {
+                if let Err(unsent) = jobs.send(job) {
                     // The thread is gone (it only ends when this side drops it): run
                     // the job here.
-                    let (job, releases) = unsent.0;
                     self.jobs = None;
-                    self.releases = releases;
-                    self.run_here(shard, job);
+                    self.releases = None;
+                    self.run_here(shard, unsent.0);
                 }
             }
             None => {
@@ -157,13 +144,21 @@ impl Syncer {
         let started = Instant::now();
         let result = job.run();
         self.finish(shard, (job, result, started.elapsed()));
-        self.release_here();
     }
 
-    /// Runs the page-cache releases not handed to the sync thread, on this thread.
-    fn release_here(&mut self) {
-        for release in self.releases.drain(..) {
-            release.run();
+    /// Drops what has left the shard's page-cache window (if it has one) from the
+    /// page cache: on the sync thread, or here when there is none.
+    fn release(&mut self, shard: &mut Shard) {
+        for release in shard.release_page_cache() {
+            let unsent = match &self.releases {
+                Some(releases) => match releases.send(release) {
+                    Ok(()) => continue,
+                    Err(unsent) => unsent.0,
+                },
+                None => release,
+            };
+            self.releases = None;
+            unsent.run();
         }
     }
 
@@ -173,7 +168,7 @@ impl Syncer {
         match (shard.sync_finished(&job, result, took), failed(shard)) {
             (Ok(()), None) => {
                 answer(covered.into_iter(), Ok(()), shard.id());
-                self.releases.extend(shard.release_page_cache());
+                self.release(shard);
             }
             (Err(error), _) => answer(covered.into_iter(), Err(&error.to_string()), shard.id()),
             // Another sync of the file failed meanwhile (a seal's): the kernel reports
@@ -204,6 +199,7 @@ impl Syncer {
             "the sync thread stopped; the shard syncs on its own thread"
         );
         self.jobs = None;
+        self.releases = None;
         self.finished = crossbeam_channel::never();
         if let Some(covered) = self.running.take() {
             answer(
@@ -215,9 +211,61 @@ impl Syncer {
     }
 }
 
+/// The sync thread's loop: syncs as asked, one at a time, and page-cache releases
+/// in between, a piece at a time so that a sync asked for meanwhile goes first.
+/// Ends when the shard's side is dropped, after the releases already sent.
+fn sync_thread(
+    jobs: &Receiver<SyncJob>,
+    releases: &Receiver<CacheRelease>,
+    done: &crossbeam_channel::Sender<Finished>,
+) {
+    let sync = |job: SyncJob| {
+        let started = Instant::now();
+        let result = job.run();
+        done.send((job, result, started.elapsed())).is_ok()
+    };
+    loop {
+        // Syncs first: appends may be waiting for them.
+        let next = match jobs.try_recv() {
+            Ok(job) => Ok(job),
+            Err(_) => crossbeam_channel::select! {
+                recv(jobs) -> job => match job {
+                    Ok(job) => Ok(job),
+                    Err(_) => break,
+                },
+                recv(releases) -> release => match release {
+                    Ok(release) => Err(release),
+                    Err(_) => break,
+                },
+            },
+        };
+        let release = match next {
+            Ok(job) => {
+                if !sync(job) {
+                    return;
+                }
+                continue;
+            }
+            Err(release) => release,
+        };
+        for piece in release.pieces(RELEASE_PIECE) {
+            while let Ok(job) = jobs.try_recv() {
+                if !sync(job) {
+                    return;
+                }
+            }
+            piece.run();
+        }
+    }
+    for release in releases.try_iter() {
+        release.run();
+    }
+}
+
 impl Drop for Syncer {
     fn drop(&mut self) {
         self.jobs = None;
+        self.releases = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -252,7 +300,6 @@ fn failed(shard: &Shard) -> Option<String> {
 /// and answers every append still waiting.
 fn close(shard: &mut Shard, syncer: &mut Syncer, waiting: &mut Vec<Waiter>) -> Result<(), IoError> {
     syncer.settle(shard);
-    syncer.release_here();
     let synced = shard.sync();
     // A shard that failed a sync earlier must not let the store be marked clean: a
     // later sync can succeed although the earlier data was dropped.
