@@ -226,35 +226,34 @@ fn sync_thread(
     };
     loop {
         // Syncs first: appends may be waiting for them.
-        let next = match jobs.try_recv() {
-            Ok(job) => Ok(job),
-            Err(_) => crossbeam_channel::select! {
-                recv(jobs) -> job => match job {
-                    Ok(job) => Ok(job),
-                    Err(_) => break,
-                },
-                recv(releases) -> release => match release {
-                    Ok(release) => Err(release),
-                    Err(_) => break,
-                },
+        if let Ok(job) = jobs.try_recv() {
+            if !sync(job) {
+                return;
+            }
+            continue;
+        }
+        crossbeam_channel::select! {
+            recv(jobs) -> job => match job {
+                Ok(job) => {
+                    if !sync(job) {
+                        return;
+                    }
+                }
+                Err(_) => break,
             },
-        };
-        let release = match next {
-            Ok(job) => {
-                if !sync(job) {
-                    return;
+            recv(releases) -> release => match release {
+                Ok(release) => {
+                    for piece in release.pieces(RELEASE_PIECE) {
+                        while let Ok(job) = jobs.try_recv() {
+                            if !sync(job) {
+                                return;
+                            }
+                        }
+                        piece.run();
+                    }
                 }
-                continue;
-            }
-            Err(release) => release,
-        };
-        for piece in release.pieces(RELEASE_PIECE) {
-            while let Ok(job) = jobs.try_recv() {
-                if !sync(job) {
-                    return;
-                }
-            }
-            piece.run();
+                Err(_) => break,
+            },
         }
     }
     for release in releases.try_iter() {
