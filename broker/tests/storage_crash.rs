@@ -464,3 +464,121 @@ fn an_interrupted_segment_creation_is_cleaned_up() {
         .unwrap();
     assert_eq!(next[0].offset, 1);
 }
+
+/// A store of one shard with 300 two-record batches over several segments,
+/// closed cleanly; returns every record's position.
+fn several_segments(dir: &Path) -> Vec<(u32, u64, String, u64)> {
+    let mut config = small_config(dir);
+    config.shard_count = 1;
+    let store = Store::open(config).unwrap();
+    for i in 0..300u32 {
+        store
+            .append(
+                vec![
+                    record("guild.1", format!("g-{i}-{}", "x".repeat(900))),
+                    record("user.9", format!("u-{i}")),
+                ],
+                Ack::Written,
+            )
+            .unwrap();
+    }
+    let all = positions(&store);
+    store.close().unwrap();
+    all
+}
+
+#[test]
+fn a_seal_a_stop_interrupted_is_finished_when_the_data_is_all_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = several_segments(dir.path());
+    let files = common::segment_files(dir.path(), 0);
+    assert!(files.len() > 3, "{files:?}");
+    // Stopped (SIGKILL) after the roll, before the seal cut the file: the file is
+    // still as long as the reserved segment, and its data all there.
+    let sealed_len = std::fs::metadata(&files[1]).unwrap().len();
+    assert!(sealed_len < 64 << 10, "a sealed segment is cut to its data");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[1])
+        .unwrap()
+        .set_len(64 << 10)
+        .unwrap();
+    forget_clean_close(dir.path());
+
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config).unwrap();
+    let report = &store.recovery_reports()[0];
+    assert_eq!(report.records, all.len() as u64, "{report:?}");
+    assert_eq!(report.cut_segments, 0, "{report:?}");
+    assert_eq!(common::segment_files(dir.path(), 0), files);
+    assert_eq!(
+        std::fs::metadata(&files[1]).unwrap().len(),
+        sealed_len,
+        "recovery finished the seal"
+    );
+    assert_eq!(store.read("guild.1", 0, ALL).unwrap().records.len(), 300);
+    assert_eq!(store.read("user.9", 0, ALL).unwrap().records.len(), 300);
+}
+
+#[test]
+fn an_unsealed_segment_whose_end_was_lost_ends_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = several_segments(dir.path());
+    let files = common::segment_files(dir.path(), 0);
+    assert!(files.len() > 3, "{files:?}");
+    // A machine crash during the roll after segment 1: its seal never synced it,
+    // and its last batches never reached the disk, while later segments' data did.
+    let in_second: Vec<_> = all
+        .iter()
+        .filter(|p| locate(dir.path(), 0, p.1).0 == files[1])
+        .collect();
+    assert!(in_second.len() > 4);
+    // From the start of a batch (its guild.1 record) on.
+    let batches: Vec<_> = in_second.iter().filter(|p| p.2 == "guild.1").collect();
+    let lost_from = batches[batches.len() - 2].1;
+    let (_, at) = locate(dir.path(), 0, lost_from);
+    let sealed_len = std::fs::metadata(&files[1]).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[1])
+        .unwrap();
+    file.set_len(64 << 10).unwrap();
+    drop(file);
+    zero_range(&files[1], at, (sealed_len - at) as usize);
+    forget_clean_close(dir.path());
+
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config).unwrap();
+    let report = store.recovery_reports()[0].clone();
+    assert_eq!(report.cut_segments, files.len() - 2, "{report:?}");
+    assert!(report.found_damage());
+    assert_eq!(common::segment_files(dir.path(), 0), files[..2].to_vec());
+    // Everything before the lost bytes is kept, nothing after them, and every
+    // topic is gap-free.
+    let kept: Vec<_> = all.iter().filter(|p| p.1 < lost_from).collect();
+    assert_eq!(report.records, kept.len() as u64, "{report:?}");
+    for topic in ["guild.1", "user.9"] {
+        let records = store.read(topic, 0, ALL).unwrap().records;
+        let expected = kept.iter().filter(|p| p.2 == topic).count();
+        assert_eq!(records.len(), expected, "{topic}");
+        assert!(
+            records
+                .iter()
+                .enumerate()
+                .all(|(i, r)| r.offset == i as u64)
+        );
+    }
+    // Appends go on where the log now ends.
+    let next = store
+        .append(vec![record("guild.1", "after")], Ack::Durable)
+        .unwrap();
+    let guild_kept = kept.iter().filter(|p| p.2 == "guild.1").count() as u64;
+    assert_eq!(next[0].offset, guild_kept);
+    let written = positions(&store)
+        .into_iter()
+        .find(|p| p.2 == "guild.1" && p.3 == guild_kept)
+        .unwrap();
+    assert_eq!(locate(dir.path(), 0, written.1).0, files[1]);
+}

@@ -682,3 +682,67 @@ fn page_cache_behind_the_tail_is_released_and_everything_reads_back() {
     );
     assert_eq!(store.topic_info("user.1").unwrap().unwrap().next_offset, 2);
 }
+
+/// Sizes of the files in shard 0's directory, and whether a spare is among them.
+fn shard_files(dir: &std::path::Path) -> (u64, bool) {
+    let mut total = 0;
+    let mut spare = false;
+    for entry in std::fs::read_dir(dir.join("shard-0000")).unwrap() {
+        let entry = entry.unwrap();
+        spare |= entry.file_name() == "spare.tmp";
+        total += entry.metadata().unwrap().len();
+    }
+    (total, spare)
+}
+
+#[test]
+fn rolls_start_from_a_spare_file_that_counts_as_disk_and_goes_at_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config.clone()).unwrap();
+    let append = |i: u32| {
+        store
+            .append(vec![record("guild.1", vec![i as u8; 1000])], Ack::Written)
+            .unwrap()
+    };
+    // The first roll makes the shard want a spare; later rolls start from one.
+    for i in 0..400 {
+        append(i);
+    }
+    assert!(common::segment_files(dir.path(), 0).len() >= 5);
+    // Once the sync thread is done, the accounting matches the files: sealed
+    // segments cut to their data, the newest and the spare as reserved.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (on_disk, spare) = shard_files(dir.path());
+        if spare && on_disk == store.disk_bytes() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "files {on_disk} B (spare: {spare}), counted {} B",
+            store.disk_bytes()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(store.stats().segment_bytes, store.disk_bytes());
+    store.close().unwrap();
+    drop(store);
+    let (on_disk, spare) = shard_files(dir.path());
+    assert!(!spare, "a close deletes the spare");
+    let store = Store::open(config).unwrap();
+    assert_eq!(store.disk_bytes(), on_disk);
+    let all = ReadLimits {
+        max_records: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+    let records = store.read("guild.1", 0, all).unwrap().records;
+    assert_eq!(records.len(), 400);
+    assert!(
+        records
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.offset == i as u64)
+    );
+}

@@ -47,7 +47,7 @@ pub struct StoreConfig {
     /// Largest encoded record (frame) accepted.
     pub max_record_bytes: u64,
     /// Largest batch (sum of encoded records) accepted in one append. At most
-    /// `segment_bytes - 64` so that a batch always fits one segment.
+    /// `segment_bytes - 72` ([`batch_room`]) so that a batch always fits one segment.
     pub max_batch_bytes: u64,
     /// Most records in one append.
     pub max_batch_records: usize,
@@ -65,6 +65,13 @@ pub struct StoreConfig {
     /// happen: timed ones, durable acks', seals. `None` leaves the page cache to
     /// the kernel.
     pub page_cache_per_shard: Option<u64>,
+}
+
+/// The largest batch a segment of `segment_bytes` holds: all but its header and
+/// its last 8 bytes (a segment is never filled to its end, so that recovery can
+/// tell a sealed segment by its length).
+pub fn batch_room(segment_bytes: u64) -> u64 {
+    segment_bytes.saturating_sub(SEGMENT_HEADER_LEN as u64 + 8)
 }
 
 impl StoreConfig {
@@ -103,7 +110,7 @@ impl StoreConfig {
                 self.segment_bytes
             ));
         }
-        let room = self.segment_bytes - SEGMENT_HEADER_LEN as u64;
+        let room = batch_room(self.segment_bytes);
         if self.max_batch_bytes > room {
             return invalid(format!(
                 "max_batch_bytes ({}) must fit in one segment ({room} usable bytes)",

@@ -13,7 +13,9 @@ use crate::storage::error::{AppendError, IoError};
 use crate::storage::record::{
     DecodeError, FrameMeta, FrameView, decode_frame, decode_frame_unchecked,
 };
-use crate::storage::segment::{CacheRelease, SEGMENT_HEADER_LEN, Segment, sync_dir};
+use crate::storage::segment::{
+    CacheRelease, SEGMENT_HEADER_LEN, Sealing, Segment, Spare, sync_dir,
+};
 
 /// A sync of the newest segment's data, to run on another thread while appends go
 /// on (see `worker`): the file, and how much of it the sync covers.
@@ -92,6 +94,58 @@ impl SyncHold {
     }
 }
 
+/// A segment roll's work for the shard's sync thread, in order with its syncs:
+/// [`Roll::sync`] makes the sealed segment's data and the new segment's name
+/// durable, and must end before any sync of the new segment counts (the sync
+/// thread runs work in the order it is sent); [`Roll::finish`] then unmaps and
+/// cuts the sealed file, which nothing waits for.
+#[derive(Debug)]
+pub struct Roll {
+    sealing: Sealing,
+    dir: PathBuf,
+    /// The new segment's file, when it was made without a spare and its size and
+    /// blocks are not yet on disk.
+    unsynced: Option<Arc<std::fs::File>>,
+    /// Tests: the sync fails.
+    #[cfg(test)]
+    pub(crate) fail: bool,
+}
+
+impl Roll {
+    /// The sealed segment's base.
+    pub fn base(&self) -> u64 {
+        self.sealing.base()
+    }
+
+    pub fn sync(&self) -> Result<(), IoError> {
+        #[cfg(test)]
+        if self.fail {
+            return Err(IoError::new(
+                "syncing segment",
+                self.sealing.path(),
+                std::io::Error::other("injected sync failure"),
+            ));
+        }
+        self.sealing.sync_data()?;
+        if let Some(file) = &self.unsynced {
+            file.sync_all()
+                .map_err(|e| IoError::new("syncing segment", &self.dir, e))?;
+        }
+        sync_dir(&self.dir)
+    }
+
+    pub fn finish(self) -> Result<(), IoError> {
+        self.sealing.finish()
+    }
+}
+
+/// A spare segment file to make, for the shard's sync thread (see [`Spare`]).
+#[derive(Debug)]
+pub struct SpareJob {
+    pub dir: PathBuf,
+    pub capacity: u64,
+}
+
 /// Space reserved for segment files across a whole store, against an optional budget.
 #[derive(Debug)]
 pub struct DiskBudget {
@@ -153,6 +207,17 @@ pub struct SegmentLog {
     disk_bytes: u64,
     /// Log position before which the page cache was released.
     cache_released_to: u64,
+    /// Rolls whose work is not yet handed out (see [`SegmentLog::take_rolls`]).
+    rolls: Vec<Roll>,
+    /// A file ready for the next segment, and whether one is being made.
+    spare: Option<Spare>,
+    spare_asked: bool,
+    /// A segment rolled since the log was opened: spare files are made from then
+    /// on (a shard that never fills a segment never needs one).
+    rolled: bool,
+    /// Tests: the next roll's sync fails.
+    #[cfg(test)]
+    pub(crate) fail_next_roll: bool,
 }
 
 /// The page cache is released in steps of at least this many bytes (a few
@@ -178,6 +243,12 @@ impl SegmentLog {
             disk_bytes: segments.iter().map(|s| s.capacity() as u64).sum(),
             segments,
             cache_released_to: 0,
+            rolls: Vec::new(),
+            spare: None,
+            spare_asked: false,
+            rolled: false,
+            #[cfg(test)]
+            fail_next_roll: false,
         }
     }
 
@@ -252,25 +323,76 @@ impl SegmentLog {
         self.meta_at(pos).map(|(_, topic)| topic)
     }
 
-    /// Makes sure the newest segment has `bytes` of room, sealing it and starting a new
-    /// one if needed. Fails without changing anything on a full disk or budget.
+    /// Makes sure the newest segment has more than `bytes` of room (a segment is
+    /// never filled to its last byte, so that recovery can tell a sealed segment by
+    /// its length), rolling to a new one if needed. Fails without changing anything
+    /// on a full disk or budget.
+    ///
+    /// A roll does no disk sync here: the new segment comes from the spare file
+    /// when one is ready, and the seal's syncs are left as a [`Roll`] for the
+    /// shard's sync thread ([`SegmentLog::take_rolls`]); they took 5–20 ms per
+    /// roll on the benchmark machine, time the shard's thread would not append or
+    /// deliver.
     pub fn ensure_room(&mut self, bytes: usize) -> Result<(), AppendError> {
-        if self.segments.last().is_some_and(|s| s.remaining() >= bytes) {
+        if self.segments.last().is_some_and(|s| s.remaining() > bytes) {
             return Ok(());
         }
-        self.budget.reserve(self.segment_bytes)?;
-        // Seal first: the data of every segment but the newest is then on disk, which
-        // is what recovery assumes of sealed segments.
+        let base = self.end();
+        let spare = self.spare.take();
+        let from_spare = spare.is_some();
+        if spare.is_none() {
+            self.budget.reserve(self.segment_bytes)?;
+            self.disk_bytes += self.segment_bytes;
+        }
+        let created = match (spare, self.segments.is_empty()) {
+            (Some(spare), _) => {
+                Segment::from_spare(spare, &self.dir, self.shard, base, self.generation)
+            }
+            (None, true) => Segment::create(
+                &self.dir,
+                self.shard,
+                base,
+                self.segment_bytes,
+                self.generation,
+            ),
+            (None, false) => Segment::create_unsynced(
+                &self.dir,
+                self.shard,
+                base,
+                self.segment_bytes,
+                self.generation,
+            ),
+        };
+        let segment = match created {
+            Ok(segment) => segment,
+            Err(error) => {
+                self.unreserve(self.segment_bytes);
+                return Err(error.into());
+            }
+        };
         if let Some(last) = self.segments.last_mut() {
-            match last.seal() {
-                Ok(freed) => {
-                    self.budget.release(freed);
-                    self.disk_bytes -= freed;
+            let capacity = last.capacity();
+            match last.roll() {
+                Ok(sealing) => {
+                    // The file is cut to its data soon: count it so from now on
+                    // (retention and the budget).
+                    let freed = (capacity - last.len()) as u64;
+                    self.unreserve(freed);
+                    self.rolls.push(Roll {
+                        sealing,
+                        dir: self.dir.clone(),
+                        unsynced: (!from_spare).then(|| segment.sync_target().0),
+                        #[cfg(test)]
+                        fail: std::mem::take(&mut self.fail_next_roll),
+                    });
                 }
                 Err(error) => {
-                    // The seal's sync failed: data already acknowledged as written may
-                    // not be on disk, and a retried sync could falsely succeed.
-                    self.budget.release(self.segment_bytes);
+                    // Mapping the sealed data failed (out of memory): the new
+                    // segment goes, and the shard stops.
+                    let path = segment.path().to_owned();
+                    drop(segment);
+                    let _ = std::fs::remove_file(&path);
+                    self.unreserve(self.segment_bytes);
                     return Err(AppendError::ShardFailed {
                         shard: self.shard,
                         reason: error.to_string(),
@@ -278,31 +400,85 @@ impl SegmentLog {
                 }
             }
         }
-        let base = self.end();
-        let created = Segment::create(
-            &self.dir,
-            self.shard,
-            base,
-            self.segment_bytes,
-            self.generation,
-        );
-        let segment = match created {
-            Ok(segment) => segment,
-            Err(error) => {
-                self.budget.release(self.segment_bytes);
-                return Err(error.into());
-            }
-        };
-        tracing::debug!(shard = self.shard, base, "started segment");
-        self.disk_bytes += segment.capacity() as u64;
+        self.rolled |= !self.segments.is_empty();
+        tracing::debug!(shard = self.shard, base, from_spare, "started segment");
         self.segments.push(segment);
         Ok(())
+    }
+
+    /// Gives back budget and disk bytes counted for a segment file that is gone.
+    fn unreserve(&mut self, bytes: u64) {
+        self.disk_bytes -= bytes;
+        self.budget.release(bytes);
+    }
+
+    /// The work of the rolls since the last call, oldest first, for the shard's
+    /// sync thread: run in this order, before any later [`SyncJob`]. Each one's
+    /// outcome goes to [`SegmentLog::sealed`].
+    pub fn take_rolls(&mut self) -> Vec<Roll> {
+        std::mem::take(&mut self.rolls)
+    }
+
+    /// A roll's work ended. A failure is returned: the sealed data may not be on
+    /// disk.
+    pub fn sealed(&mut self, base: u64, result: Result<(), IoError>) -> Result<(), IoError> {
+        result?;
+        if let Some(segment) = self.segments.iter_mut().find(|s| s.base() == base) {
+            segment.synced_to(segment.len());
+        }
+        Ok(())
+    }
+
+    /// A spare file to make for the next roll, once a segment has rolled, when
+    /// there is none and the budget has room for it; counted in the budget and the disk bytes from now on.
+    /// Report the outcome to [`SegmentLog::spare_made`].
+    pub fn spare_job(&mut self) -> Option<SpareJob> {
+        if self.spare.is_some() || self.spare_asked || !self.rolled {
+            return None;
+        }
+        self.budget.reserve(self.segment_bytes).ok()?;
+        self.disk_bytes += self.segment_bytes;
+        self.spare_asked = true;
+        Some(SpareJob {
+            dir: self.dir.clone(),
+            capacity: self.segment_bytes,
+        })
+    }
+
+    pub fn spare_made(&mut self, result: Result<Spare, IoError>) {
+        self.spare_asked = false;
+        match result {
+            Ok(spare) => self.spare = Some(spare),
+            Err(error) => {
+                tracing::warn!(shard = self.shard, %error, "making a spare segment failed; the next roll makes its own");
+                self.unreserve(self.segment_bytes);
+            }
+        }
+    }
+
+    /// Deletes the spare file, if any (the shard stops).
+    pub fn discard_spare(&mut self) {
+        if let Some(spare) = self.spare.take() {
+            let bytes = spare.capacity();
+            spare.discard();
+            self.unreserve(bytes);
+        }
     }
 
     /// Adds a segment found by recovery after the ones already here.
     pub fn push_recovered(&mut self, segment: Segment) {
         self.disk_bytes += segment.capacity() as u64;
         self.segments.push(segment);
+    }
+
+    /// Seals the newest segment on this thread (recovery: a segment whose seal a
+    /// stop interrupted, followed by another).
+    pub fn seal_newest(&mut self) -> Result<(), IoError> {
+        if let Some(segment) = self.segments.last_mut() {
+            let freed = segment.seal()?;
+            self.unreserve(freed);
+        }
+        Ok(())
     }
 
     pub fn newest_mut(&mut self) -> Option<&mut Segment> {
@@ -316,13 +492,22 @@ impl SegmentLog {
             .expect("ensure_room created a segment")
     }
 
+    /// True when written data is not known to be on disk: in the newest segment,
+    /// or in one rolled since the last sync (a sync that ends marks the segments
+    /// before its own as synced, so no older one can be dirty).
     pub fn is_dirty(&self) -> bool {
-        self.segments.last().is_some_and(Segment::is_dirty)
+        self.segments.iter().rev().take(2).any(Segment::is_dirty)
     }
 
-    /// A sync of the newest segment's data written so far, if any is not on disk.
+    /// A sync of the newest segment's data written so far, when anything is not on
+    /// disk. Run after the rolls handed out before it, its success means every
+    /// segment's data written so far is on disk.
     pub fn sync_job(&self) -> Option<SyncJob> {
-        let segment = self.segments.last().filter(|s| s.is_dirty())?;
+        debug_assert!(self.rolls.is_empty(), "rolls are handed out first");
+        if !self.is_dirty() {
+            return None;
+        }
+        let segment = self.segments.last()?;
         let (file, written) = segment.sync_target();
         Some(SyncJob {
             file,
@@ -334,21 +519,30 @@ impl SegmentLog {
         })
     }
 
-    /// `job` succeeded. Its segment may have been sealed since (a seal syncs all of
-    /// it) or dropped: then there is nothing to note.
+    /// `job` succeeded: its segment's data up to where the job started is on disk,
+    /// and so is every older segment's (their rolls ran before it). Its segment may
+    /// have been dropped since.
     pub fn synced(&mut self, job: &SyncJob) {
-        if let Some(segment) = self
-            .segments
-            .iter_mut()
-            .rev()
-            .find(|s| s.base() == job.base)
-        {
-            segment.synced_to(job.written);
+        for segment in self.segments.iter_mut().rev() {
+            if segment.base() < job.base {
+                if !segment.is_dirty() {
+                    break;
+                }
+                segment.synced_to(segment.len());
+            } else if segment.base() == job.base {
+                segment.synced_to(job.written);
+            }
         }
     }
 
-    /// Forces the newest segment's data to disk (older ones were synced when sealed).
+    /// Forces all written data to disk on this thread: the rolls not handed out
+    /// first, then the newest segment.
     pub fn sync(&mut self) -> Result<(), IoError> {
+        for roll in self.take_rolls() {
+            let base = roll.base();
+            let result = roll.sync().and_then(|()| roll.finish());
+            self.sealed(base, result)?;
+        }
         match self.segments.last_mut() {
             Some(segment) => segment.sync(),
             None => Ok(()),

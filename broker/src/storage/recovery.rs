@@ -9,6 +9,14 @@
 //!   only whole batches are kept: records after the last batch-end flag belong to a
 //!   batch whose append never completed (it was never acknowledged), so they are cut.
 //!   Anything past the cut is zeroed so that a later scan cannot resurrect it.
+//! - A segment is sealed when its file is exactly as long as its data, which ends
+//!   where the next segment starts (a seal syncs the data, then cuts the file; a
+//!   segment is never filled to its last byte). A segment followed by another but
+//!   not sealed (a stop during its seal, which runs on the sync thread) is scanned
+//!   like the newest: if its whole batches reach the next segment's start it is
+//!   complete, and its seal is finished; if not, its end was lost and the log is cut
+//!   there — the later segments are deleted. Nothing in them was acknowledged as
+//!   durable: a sync of a segment counts only after the seals of those before it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +28,7 @@ use crate::storage::record::{
     DecodeError, FRAME_ALIGN, FRAME_HEADER_LEN, FrameView, decode_frame, padded_len,
 };
 use crate::storage::registry::TopicTable;
-use crate::storage::segment::{SEGMENT_HEADER_LEN, Segment, parse_segment_file_name};
+use crate::storage::segment::{SEGMENT_HEADER_LEN, Segment, parse_segment_file_name, sync_dir};
 use crate::storage::stats::ShardStats;
 use crate::storage::topic::topic_hash;
 
@@ -37,13 +45,19 @@ pub struct RecoveryReport {
     pub bad_headers: usize,
     /// Bytes cut from the end of the newest segment.
     pub truncated_bytes: u64,
+    /// Segment files deleted because an earlier segment's seal never finished and
+    /// its data ends short of them.
+    pub cut_segments: usize,
     pub duration: Duration,
 }
 
 impl RecoveryReport {
     /// True when recovery had to drop or skip anything.
     pub fn found_damage(&self) -> bool {
-        self.corrupt_frames > 0 || self.truncated_bytes > 0 || self.bad_headers > 0
+        self.corrupt_frames > 0
+            || self.truncated_bytes > 0
+            || self.bad_headers > 0
+            || self.cut_segments > 0
     }
 }
 
@@ -187,20 +201,25 @@ pub fn recover_shard(
         Vec::new(),
     );
     let mut topics = TopicTable::new();
-    let count = files.len();
-    for (i, (base, path)) in files.into_iter().enumerate() {
-        let newest = i + 1 == count;
-        let file_len = std::fs::metadata(&path)
-            .map_err(|e| IoError::new("reading metadata of", &path, e))?
+    for (i, (base, path)) in files.iter().enumerate() {
+        let (base, path) = (*base, path.as_path());
+        let next_base = files.get(i + 1).map(|(next, _)| *next);
+        let newest = next_base.is_none();
+        let file_len = std::fs::metadata(path)
+            .map_err(|e| IoError::new("reading metadata of", path, e))?
             .len();
+        // Sealed: as long as its data, which ends where the next segment starts.
+        let sealed = next_base.is_some_and(|next| next.checked_sub(base) == Some(file_len));
+        // Only whole batches up to the first bad frame count (see the module docs).
+        let tail_rules = !sealed;
         if file_len < SEGMENT_HEADER_LEN as u64 {
             // A crash while the file was being created: it cannot hold a record.
             tracing::warn!(file = %path.display(), file_len, "removing a segment file too short to hold a header");
-            std::fs::remove_file(&path).map_err(|e| IoError::new("removing", &path, e))?;
+            std::fs::remove_file(path).map_err(|e| IoError::new("removing", path, e))?;
             report.bad_headers += 1;
             continue;
         }
-        let (segment, header) = Segment::open(&path, base)?;
+        let (segment, header) = Segment::open(path, base)?;
         let header_ok = header.is_ok();
         match header {
             Ok(header) if header.base == base && header.shard == shard => {}
@@ -223,35 +242,40 @@ pub fn recover_shard(
         let mut last_timestamp = 0;
         let mut records = 0;
         let mut corrupt = (0, 0);
-        let stopped = scan_segment(segment, segment.capacity(), !newest, |event| match event {
-            ScanEvent::Frame { pos, view } => {
-                pending.push((pos, view.topic, view.meta.timestamp_ms, view.meta.offset));
-                if !newest || view.is_batch_end() {
-                    kept_end = (pos - base) as usize + view.padded_len();
-                    records += pending.len() as u64;
-                    for (pos, topic, timestamp, offset) in pending.drain(..) {
-                        last_timestamp = last_timestamp.max(timestamp);
-                        index_frame(&mut topics, &log, pos, topic, offset);
+        let stopped = scan_segment(
+            segment,
+            segment.capacity(),
+            !tail_rules,
+            |event| match event {
+                ScanEvent::Frame { pos, view } => {
+                    pending.push((pos, view.topic, view.meta.timestamp_ms, view.meta.offset));
+                    if !tail_rules || view.is_batch_end() {
+                        kept_end = (pos - base) as usize + view.padded_len();
+                        records += pending.len() as u64;
+                        for (pos, topic, timestamp, offset) in pending.drain(..) {
+                            last_timestamp = last_timestamp.max(timestamp);
+                            index_frame(&mut topics, &log, pos, topic, offset);
+                        }
                     }
                 }
-            }
-            ScanEvent::Corrupt {
-                pos,
-                skipped,
-                error,
-            } if newest => {
-                tracing::warn!(file = %path.display(), pos, skipped, %error, "newest segment ends in a damaged frame; cutting it");
-            }
-            ScanEvent::Corrupt {
-                pos,
-                skipped,
-                error,
-            } => {
-                corrupt.0 += 1;
-                corrupt.1 += skipped;
-                tracing::error!(file = %path.display(), pos, skipped, %error, "corrupt frame in a sealed segment; skipped it and kept the rest");
-            }
-        });
+                ScanEvent::Corrupt {
+                    pos,
+                    skipped,
+                    error,
+                } if tail_rules => {
+                    tracing::warn!(file = %path.display(), pos, skipped, %error, "unsealed segment ends in a damaged frame; cutting it");
+                }
+                ScanEvent::Corrupt {
+                    pos,
+                    skipped,
+                    error,
+                } => {
+                    corrupt.0 += 1;
+                    corrupt.1 += skipped;
+                    tracing::error!(file = %path.display(), pos, skipped, %error, "corrupt frame in a sealed segment; skipped it and kept the rest");
+                }
+            },
+        );
         drop(pending);
         if newest && !header_ok && records == 0 {
             // A crash between reserving the file and writing its header.
@@ -264,17 +288,40 @@ pub fn recover_shard(
         report.corrupt_bytes += corrupt.1;
         let segment = log.newest_mut().expect("just pushed");
         segment.set_recovered_len(
-            kept_end.max(if newest { 0 } else { stopped }),
+            kept_end.max(if tail_rules { 0 } else { stopped }),
             last_timestamp,
         );
+        if sealed {
+            // Sealed segments were synced before they were cut.
+            segment.synced_to(segment.len());
+            continue;
+        }
+        let complete = next_base.is_some_and(|next| next - base == kept_end as u64);
+        if complete {
+            // A stop during the seal, after the data was written: finish it.
+            tracing::info!(file = %path.display(), "finishing the seal of a complete segment");
+            log.seal_newest()?;
+            continue;
+        }
         // After an unclean stop, or when frames were cut, make sure nothing but zeroes
         // follows the data in the segment that will be written next.
-        if newest && (!clean || stopped != kept_end) {
+        if !clean || stopped != kept_end || !newest {
             if let Some(last_nonzero) = segment.last_nonzero_from(kept_end) {
                 report.truncated_bytes = (last_nonzero + 1 - kept_end) as u64;
                 tracing::warn!(file = %path.display(), cut_at = kept_end, bytes = report.truncated_bytes, "cut an unfinished tail from the newest segment");
                 segment.zero_tail()?;
             }
+        }
+        if !newest {
+            // The segment's seal never finished and its data ends short of the next
+            // segment: what followed it was lost, so the log ends here.
+            for (_, later) in &files[i + 1..] {
+                tracing::error!(file = %later.display(), after = %path.display(), "deleting a segment that follows an unsealed segment whose end was lost");
+                std::fs::remove_file(later).map_err(|e| IoError::new("removing", later, e))?;
+                report.cut_segments += 1;
+            }
+            sync_dir(dir)?;
+            break;
         }
     }
     report.topics = topics.len();

@@ -213,6 +213,29 @@ impl Segment {
         capacity: u64,
         generation: u64,
     ) -> Result<Segment, IoError> {
+        let segment = Self::create_unsynced(dir, shard, base, capacity, generation)?;
+        let synced = segment
+            .file
+            .sync_all()
+            .map_err(|e| IoError::new("syncing segment", &segment.path, e))
+            .and_then(|()| sync_dir(dir));
+        if let Err(error) = synced {
+            let _ = std::fs::remove_file(&segment.path);
+            return Err(error);
+        }
+        Ok(segment)
+    }
+
+    /// [`Segment::create`] without the syncs: a segment a roll starts when no spare
+    /// is ready; the shard's sync thread syncs the file and the directory (see
+    /// [`Roll`](crate::storage::log::Roll)).
+    pub fn create_unsynced(
+        dir: &Path,
+        shard: u32,
+        base: u64,
+        capacity: u64,
+        generation: u64,
+    ) -> Result<Segment, IoError> {
         let path = dir.join(segment_file_name(base));
         let file = OpenOptions::new()
             .read(true)
@@ -220,36 +243,54 @@ impl Segment {
             .create_new(true)
             .open(&path)
             .map_err(|e| IoError::new("creating segment", &path, e))?;
-        let result = Self::init(file, &path, dir, shard, base, capacity, generation);
+        let result = reserve(&file, &path, capacity)
+            .and_then(|()| Self::start(file, path.clone(), shard, base, capacity, generation));
         if result.is_err() {
             let _ = std::fs::remove_file(&path);
         }
         result
     }
 
-    fn init(
-        file: File,
-        path: &Path,
+    /// Starts the segment at log position `base` in a spare file (see [`Spare`]):
+    /// renames it to the segment's name and writes the header. Nothing is synced:
+    /// the shard's sync thread syncs the directory before any sync of the new
+    /// segment's data (see [`Roll`](crate::storage::log::Roll)). On failure the
+    /// spare is deleted.
+    pub fn from_spare(
+        spare: Spare,
         dir: &Path,
+        shard: u32,
+        base: u64,
+        generation: u64,
+    ) -> Result<Segment, IoError> {
+        let path = dir.join(segment_file_name(base));
+        if let Err(error) = std::fs::rename(&spare.path, &path) {
+            let _ = std::fs::remove_file(&spare.path);
+            return Err(IoError::new("renaming spare segment", &spare.path, error));
+        }
+        let result = Self::start(
+            spare.file,
+            path.clone(),
+            shard,
+            base,
+            spare.capacity,
+            generation,
+        );
+        if result.is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        result
+    }
+
+    /// Writes the header of a reserved file and maps it.
+    fn start(
+        file: File,
+        path: PathBuf,
         shard: u32,
         base: u64,
         capacity: u64,
         generation: u64,
     ) -> Result<Segment, IoError> {
-        match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity) {
-            Ok(()) => {}
-            // A file system without fallocate: allocate by writing zeroes. A sparse
-            // file would turn a full disk into a failed write in the middle of a batch.
-            Err(rustix::io::Errno::OPNOTSUPP) => write_zeroes(&file, capacity)
-                .map_err(|e| IoError::new("reserving space for segment", path, e))?,
-            Err(errno) => {
-                return Err(IoError::new(
-                    "reserving space for segment",
-                    path,
-                    errno.into(),
-                ));
-            }
-        }
         let header = SegmentHeader {
             shard,
             base,
@@ -257,13 +298,10 @@ impl Segment {
         }
         .encode();
         file.write_all_at(&header, 0)
-            .map_err(|e| IoError::new("writing segment header", path, e))?;
-        file.sync_all()
-            .map_err(|e| IoError::new("syncing segment", path, e))?;
-        sync_dir(dir)?;
-        let map = map_file(&file, path, capacity as usize)?;
+            .map_err(|e| IoError::new("writing segment header", &path, e))?;
+        let map = map_file(&file, &path, capacity as usize)?;
         Ok(Segment {
-            path: path.to_owned(),
+            path,
             base,
             file: Arc::new(file),
             map,
@@ -614,6 +652,150 @@ impl Segment {
             .sync_all()
             .map_err(|e| IoError::new("syncing sealed segment", &self.path, e))?;
         Ok(freed)
+    }
+
+    /// Ends appends to the segment without waiting for the disk: maps just its
+    /// data (the mapping of the reserved space goes with the returned [`Sealing`],
+    /// which syncs and cuts the file on another thread). Until that is done the
+    /// segment's data counts as unsynced.
+    pub fn roll(&mut self) -> Result<Sealing, IoError> {
+        debug_assert_eq!(self.written, self.len, "a failed write stops appends");
+        let old_map = if self.map.len() > self.len {
+            let map = map_file(&self.file, &self.path, self.len)?;
+            Some(std::mem::replace(&mut self.map, map))
+        } else {
+            None
+        };
+        self.staged = Vec::new();
+        Ok(Sealing {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            base: self.base,
+            len: self.len,
+            old_map,
+        })
+    }
+}
+
+/// Reserves `capacity` bytes of blocks for `file`.
+fn reserve(file: &File, path: &Path, capacity: u64) -> Result<(), IoError> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, capacity) {
+        Ok(()) => Ok(()),
+        // A file system without fallocate: allocate by writing zeroes. A sparse
+        // file would turn a full disk into a failed write in the middle of a batch.
+        Err(rustix::io::Errno::OPNOTSUPP) => write_zeroes(file, capacity)
+            .map_err(|e| IoError::new("reserving space for segment", path, e)),
+        Err(errno) => Err(IoError::new(
+            "reserving space for segment",
+            path,
+            errno.into(),
+        )),
+    }
+}
+
+/// Name of a shard's spare segment file. Recovery deletes it (it ends in `.tmp`).
+pub const SPARE_FILE_NAME: &str = "spare.tmp";
+
+/// A file made ready for the next segment by the shard's sync thread: its blocks
+/// reserved and synced, so that a roll only renames it and writes a header (see
+/// [`Segment::from_spare`]).
+#[derive(Debug)]
+pub struct Spare {
+    file: File,
+    path: PathBuf,
+    capacity: u64,
+}
+
+impl Spare {
+    /// Creates (or recreates) the spare file in `dir`.
+    pub fn create(dir: &Path, capacity: u64) -> Result<Spare, IoError> {
+        let path = dir.join(SPARE_FILE_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| IoError::new("creating spare segment", &path, e))?;
+        let result = reserve(&file, &path, capacity).and_then(|()| {
+            file.sync_all()
+                .map_err(|e| IoError::new("syncing spare segment", &path, e))
+        });
+        match result {
+            Ok(()) => Ok(Spare {
+                file,
+                path,
+                capacity,
+            }),
+            Err(error) => {
+                let _ = std::fs::remove_file(&path);
+                Err(error)
+            }
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Deletes the file.
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The rest of a segment's seal after [`Segment::roll`], for the shard's sync
+/// thread: sync the data ([`Sealing::sync_data`]), then drop the old mapping and
+/// cut the file to its data ([`Sealing::finish`]). Holds the file open, so it may
+/// run after the segment is deleted.
+pub struct Sealing {
+    file: Arc<File>,
+    path: PathBuf,
+    base: u64,
+    len: usize,
+    /// The mapping of the whole reserved file, replaced by one of the data.
+    old_map: Option<Mmap>,
+}
+
+impl std::fmt::Debug for Sealing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealing")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sealing {
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Forces the segment's data to disk.
+    pub fn sync_data(&self) -> Result<(), IoError> {
+        self.file
+            .sync_data()
+            .map_err(|e| IoError::new("syncing segment", &self.path, e))
+    }
+
+    /// Unmaps the reserved space and cuts the file to its data, then syncs that:
+    /// a file as long as its data and followed by another segment is how recovery
+    /// knows a segment was sealed (its data was synced before the cut).
+    pub fn finish(mut self) -> Result<(), IoError> {
+        let Some(old_map) = self.old_map.take() else {
+            return Ok(());
+        };
+        drop(old_map);
+        self.file
+            .set_len(self.len as u64)
+            .map_err(|e| IoError::new("cutting sealed segment", &self.path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| IoError::new("syncing sealed segment", &self.path, e))
     }
 }
 

@@ -21,14 +21,14 @@ use std::sync::Arc;
 
 use crate::storage::config::Retention;
 use crate::storage::error::{AppendError, IoError, OpenError, ReadError};
-use crate::storage::log::{DiskBudget, SegmentLog, SyncJob};
+use crate::storage::log::{DiskBudget, Roll, SegmentLog, SpareJob, SyncJob};
 use crate::storage::record::{
     FLAG_BATCH_END, FrameMeta, MAX_HEADER_KEY_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
     NO_POSITION, NewRecord, Record, encode_frame, frame_len, headers_encoded_len, padded_len,
 };
 use crate::storage::recovery::{RecoveryReport, ScanEvent, recover_shard, scan_segment};
 use crate::storage::registry::TopicTable;
-use crate::storage::segment::CacheRelease;
+use crate::storage::segment::{CacheRelease, Spare};
 use crate::storage::skips::{self, SkipCache};
 use crate::storage::stats::ShardStats;
 use crate::storage::topic::{topic_hash, validate_topic_name};
@@ -514,6 +514,58 @@ impl Shard {
             }
         }
         result
+    }
+
+    /// The work of segment rolls since the last call, for the sync thread, in
+    /// order and before any later [`Shard::sync_job`] (see [`SegmentLog::take_rolls`]).
+    pub fn take_rolls(&mut self) -> Vec<Roll> {
+        self.log.take_rolls()
+    }
+
+    /// A roll's work ended (see [`SegmentLog::sealed`]). A failure stops the shard,
+    /// as a failed sync does.
+    pub fn sealed(&mut self, base: u64, result: Result<(), IoError>) {
+        if let Err(error) = self.log.sealed(base, result) {
+            tracing::error!(shard = self.options.id, %error, "sealing a segment failed; the shard stops accepting appends");
+            self.fail(error.to_string());
+        }
+        self.store_disk_bytes();
+    }
+
+    /// A spare segment file to make for the next roll, if one is wanted (see
+    /// [`SegmentLog::spare_job`]).
+    pub fn spare_job(&mut self) -> Option<SpareJob> {
+        let job = self.log.spare_job();
+        self.store_disk_bytes();
+        job
+    }
+
+    pub fn spare_made(&mut self, result: Result<Spare, IoError>) {
+        self.log.spare_made(result);
+        self.store_disk_bytes();
+    }
+
+    /// Deletes the spare segment file (the shard stops).
+    pub fn discard_spare(&mut self) {
+        self.log.discard_spare();
+        self.store_disk_bytes();
+    }
+
+    /// Tests: the next roll's sync fails.
+    #[cfg(test)]
+    pub(crate) fn fail_next_roll(&mut self) {
+        self.log.fail_next_roll = true;
+    }
+
+    /// Stops the shard: nothing more is appended or acknowledged.
+    pub fn fail(&mut self, reason: String) {
+        self.failed.get_or_insert(reason);
+    }
+
+    fn store_disk_bytes(&self) {
+        self.stats
+            .segment_bytes
+            .store(self.log.disk_bytes(), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Drops synced data behind the page-cache window from the page cache, when the

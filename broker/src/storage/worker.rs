@@ -10,10 +10,10 @@ use tokio::sync::oneshot;
 
 use crate::storage::config::FsyncPolicy;
 use crate::storage::error::{AppendError, IoError};
-use crate::storage::log::SyncJob;
+use crate::storage::log::{Roll, SpareJob, SyncJob};
 use crate::storage::observer::AppendObserver;
 use crate::storage::record::NewRecord;
-use crate::storage::segment::CacheRelease;
+use crate::storage::segment::{CacheRelease, Spare};
 use crate::storage::shard::{Appended, Shard};
 use crate::storage::store::Ack;
 
@@ -52,6 +52,21 @@ type Waiter = (AppendReply, Result<Vec<Appended>, AppendError>);
 /// A sync that ended: the job, its result and how long it took.
 type Finished = (SyncJob, Result<(), IoError>, Duration);
 
+/// Work for the sync thread, run in the order sent.
+enum Work {
+    Sync(SyncJob),
+    Roll(Roll),
+    Spare(SpareJob),
+}
+
+/// What the sync thread reports.
+enum Done {
+    Synced(Finished),
+    /// A roll's work ended: the sealed segment's base, and the outcome.
+    Sealed(u64, Result<(), IoError>),
+    Spare(Result<Spare, IoError>),
+}
+
 /// How much of a page-cache release the sync thread does before it looks for a
 /// sync to run first.
 const RELEASE_PIECE: u64 = 1 << 20;
@@ -62,23 +77,30 @@ const RELEASE_PIECE: u64 = 1 << 20;
 /// benchmark machine's disk. Appends that need a sync wait for the first one that
 /// starts after them; the next sync starts when the running one ends.
 ///
-/// The sync thread also drops released pages from the page cache
-/// ([`CacheRelease`]; `posix_fadvise` took 0.3–14 ms per 4 MiB step on the
-/// shard's thread), in pieces of 1 MiB, and runs any sync asked for first.
+/// The sync thread also does the disk work of segment rolls ([`Roll`]: syncing
+/// the sealed segment and the directory, in order with the syncs; then cutting the
+/// sealed file), makes the spare file the next roll starts from, and drops released
+/// pages from the page cache ([`CacheRelease`]; `posix_fadvise` took 0.3–14 ms per
+/// 4 MiB step on the shard's thread), in pieces of 1 MiB. Syncs and rolls' syncs go
+/// first, then the rest of rolls and spare files, then page-cache releases.
 struct Syncer {
-    jobs: Option<crossbeam_channel::Sender<SyncJob>>,
+    jobs: Option<crossbeam_channel::Sender<Work>>,
     releases: Option<crossbeam_channel::Sender<CacheRelease>>,
-    finished: Receiver<Finished>,
+    finished: Receiver<Done>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Appends the running sync covers; `None` when no sync runs.
     running: Option<Vec<Waiter>>,
+    /// Rolls handed to the sync thread and not yet reported.
+    rolls_out: usize,
+    /// A spare file is being made.
+    spare_out: bool,
 }
 
 impl Syncer {
     fn start(shard: u32) -> Syncer {
-        let (jobs, pending) = crossbeam_channel::bounded::<SyncJob>(1);
+        let (jobs, pending) = crossbeam_channel::unbounded::<Work>();
         let (releases, to_release) = crossbeam_channel::unbounded::<CacheRelease>();
-        let (done, finished) = crossbeam_channel::bounded::<Finished>(1);
+        let (done, finished) = crossbeam_channel::unbounded::<Done>();
         let thread = std::thread::Builder::new()
             .name(format!("sync-{shard}"))
             .spawn(move || sync_thread(&pending, &to_release, &done));
@@ -89,6 +111,8 @@ impl Syncer {
                 finished,
                 thread: Some(thread),
                 running: None,
+                rolls_out: 0,
+                spare_out: false,
             },
             Err(error) => {
                 // Syncs then run on the shard's own thread, as they did before.
@@ -99,6 +123,8 @@ impl Syncer {
                     releases: None,
                     thread: None,
                     running: None,
+                    rolls_out: 0,
+                    spare_out: false,
                 }
             }
         }
@@ -125,12 +151,14 @@ impl Syncer {
         match &self.jobs {
             Some(jobs) => {
                 self.running = Some(covered);
-                if let Err(unsent) = jobs.send(job) {
+                if let Err(unsent) = jobs.send(Work::Sync(job)) {
                     // The thread is gone (it only ends when this side drops it): run
                     // the job here.
                     self.jobs = None;
                     self.releases = None;
-                    self.run_here(shard, unsent.0);
+                    if let Work::Sync(job) = unsent.0 {
+                        self.run_here(shard, job);
+                    }
                 }
             }
             None => {
@@ -144,6 +172,60 @@ impl Syncer {
         let started = Instant::now();
         let result = job.run();
         self.finish(shard, (job, result, started.elapsed()));
+    }
+
+    /// Hands the sync thread the work of the rolls the last appends made (or does
+    /// it here when there is no sync thread), and asks for a spare file when the
+    /// shard wants one. Called before any later sync begins.
+    fn hand_out(&mut self, shard: &mut Shard) {
+        for roll in shard.take_rolls() {
+            let unsent = match &self.jobs {
+                Some(jobs) => match jobs.send(Work::Roll(roll)) {
+                    Ok(()) => {
+                        self.rolls_out += 1;
+                        continue;
+                    }
+                    Err(unsent) => unsent.0,
+                },
+                None => Work::Roll(roll),
+            };
+            self.jobs = None;
+            self.releases = None;
+            if let Work::Roll(roll) = unsent {
+                let base = roll.base();
+                let result = roll.sync().and_then(|()| roll.finish());
+                shard.sealed(base, result);
+            }
+        }
+        if self.jobs.is_none() || self.spare_out {
+            return;
+        }
+        if let Some(job) = shard.spare_job() {
+            match self.jobs.as_ref().map(|jobs| jobs.send(Work::Spare(job))) {
+                Some(Ok(())) => self.spare_out = true,
+                Some(Err(unsent)) => {
+                    if let Work::Spare(job) = unsent.0 {
+                        shard.spare_made(Spare::create(&job.dir, job.capacity));
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Takes in what the sync thread reported.
+    fn handle(&mut self, shard: &mut Shard, done: Done) {
+        match done {
+            Done::Synced(finished) => self.finish(shard, finished),
+            Done::Sealed(base, result) => {
+                self.rolls_out = self.rolls_out.saturating_sub(1);
+                shard.sealed(base, result);
+            }
+            Done::Spare(result) => {
+                self.spare_out = false;
+                shard.spare_made(result);
+            }
+        }
     }
 
     /// Drops what has left the shard's page-cache window (if it has one) from the
@@ -178,12 +260,16 @@ impl Syncer {
         }
     }
 
-    /// Waits for the running sync, if any, and answers what it covered.
+    /// Waits for the running sync, if any, and answers what it covered; and for
+    /// the rolls and the spare file handed out.
     fn settle(&mut self, shard: &mut Shard) {
-        if self.is_running() {
+        while self.is_running() || self.rolls_out > 0 || self.spare_out {
             match self.finished.recv() {
-                Ok(finished) => self.finish(shard, finished),
-                Err(_) => self.lost(shard),
+                Ok(done) => self.handle(shard, done),
+                Err(_) => {
+                    self.lost(shard);
+                    break;
+                }
             }
         }
     }
@@ -201,6 +287,17 @@ impl Syncer {
         self.jobs = None;
         self.releases = None;
         self.finished = crossbeam_channel::never();
+        if std::mem::take(&mut self.rolls_out) > 0 {
+            // A sealed segment's data may not be on disk.
+            shard.fail("the sync thread stopped before sealing a segment".to_owned());
+        }
+        if std::mem::take(&mut self.spare_out) {
+            shard.spare_made(Err(IoError::new(
+                "making a spare segment in",
+                shard.dir(),
+                std::io::Error::other("the sync thread stopped"),
+            )));
+        }
         if let Some(covered) = self.running.take() {
             answer(
                 covered.into_iter(),
@@ -211,31 +308,69 @@ impl Syncer {
     }
 }
 
-/// The sync thread's loop: syncs as asked, one at a time, and page-cache releases
-/// in between, a piece at a time so that a sync asked for meanwhile goes first.
-/// Ends when the shard's side is dropped, after the releases already sent.
+/// Work the sync thread does when no sync or roll waits.
+enum Later {
+    /// The rest of a roll whose syncs are done.
+    Finish(Roll),
+    Spare(SpareJob),
+}
+
+/// The sync thread's loop: syncs and rolls' syncs as asked, in order, one at a
+/// time; the rest of rolls and spare files when none waits; and page-cache
+/// releases in between, a piece at a time so that work asked for meanwhile goes
+/// first. Ends when the shard's side is dropped, after the rolls and the releases
+/// already sent.
 fn sync_thread(
-    jobs: &Receiver<SyncJob>,
+    work: &Receiver<Work>,
     releases: &Receiver<CacheRelease>,
-    done: &crossbeam_channel::Sender<Finished>,
+    done: &crossbeam_channel::Sender<Done>,
 ) {
-    let sync = |job: SyncJob| {
-        let started = Instant::now();
-        let result = job.run();
-        done.send((job, result, started.elapsed())).is_ok()
+    let mut later = std::collections::VecDeque::new();
+    let run = |item: Work, later: &mut std::collections::VecDeque<Later>| match item {
+        Work::Sync(job) => {
+            let started = Instant::now();
+            let result = job.run();
+            done.send(Done::Synced((job, result, started.elapsed())))
+                .is_ok()
+        }
+        Work::Roll(roll) => match roll.sync() {
+            Ok(()) => {
+                later.push_back(Later::Finish(roll));
+                true
+            }
+            Err(error) => done.send(Done::Sealed(roll.base(), Err(error))).is_ok(),
+        },
+        Work::Spare(job) => {
+            later.push_back(Later::Spare(job));
+            true
+        }
     };
     loop {
         // Syncs first: appends may be waiting for them.
-        if let Ok(job) = jobs.try_recv() {
-            if !sync(job) {
+        match work.try_recv() {
+            Ok(item) => {
+                if !run(item, &mut later) {
+                    return;
+                }
+                continue;
+            }
+            Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+        if let Some(item) = later.pop_front() {
+            let sent = match item {
+                Later::Finish(roll) => done.send(Done::Sealed(roll.base(), roll.finish())),
+                Later::Spare(job) => done.send(Done::Spare(Spare::create(&job.dir, job.capacity))),
+            };
+            if sent.is_err() {
                 return;
             }
             continue;
         }
         crossbeam_channel::select! {
-            recv(jobs) -> job => match job {
-                Ok(job) => {
-                    if !sync(job) {
+            recv(work) -> item => match item {
+                Ok(item) => {
+                    if !run(item, &mut later) {
                         return;
                     }
                 }
@@ -244,8 +379,8 @@ fn sync_thread(
             recv(releases) -> release => match release {
                 Ok(release) => {
                     for piece in release.pieces(RELEASE_PIECE) {
-                        while let Ok(job) = jobs.try_recv() {
-                            if !sync(job) {
+                        while let Ok(item) = work.try_recv() {
+                            if !run(item, &mut later) {
                                 return;
                             }
                         }
@@ -254,6 +389,12 @@ fn sync_thread(
                 }
                 Err(_) => break,
             },
+        }
+    }
+    // The shard's side is gone: cut the sealed files (no spare is wanted now).
+    for item in later {
+        if let Later::Finish(roll) = item {
+            let _ = roll.finish();
         }
     }
     for release in releases.try_iter() {
@@ -299,6 +440,8 @@ fn failed(shard: &Shard) -> Option<String> {
 /// and answers every append still waiting.
 fn close(shard: &mut Shard, syncer: &mut Syncer, waiting: &mut Vec<Waiter>) -> Result<(), IoError> {
     syncer.settle(shard);
+    shard.discard_spare();
+    // Also runs the rolls not handed out.
     let synced = shard.sync();
     // A shard that failed a sync earlier must not let the store be marked clean: a
     // later sync can succeed although the earlier data was dropped.
@@ -320,7 +463,7 @@ fn close(shard: &mut Shard, syncer: &mut Syncer, waiting: &mut Vec<Waiter>) -> R
 /// What woke the shard's thread.
 enum Event {
     Command(Command),
-    Synced(Finished),
+    Done(Done),
     SyncerGone,
     Timeout,
     Disconnected,
@@ -353,15 +496,15 @@ pub(crate) fn run(
                 Err(_) => Event::Disconnected,
             },
             recv(syncer.finished) -> finished => match finished {
-                Ok(finished) => Event::Synced(finished),
+                Ok(done) => Event::Done(done),
                 Err(_) => Event::SyncerGone,
             },
             default(timeout) => Event::Timeout,
         };
         let first = match event {
             Event::Command(command) => Some(command),
-            Event::Synced(finished) => {
-                syncer.finish(&mut shard, finished);
+            Event::Done(done) => {
+                syncer.handle(&mut shard, done);
                 None
             }
             Event::SyncerGone => {
@@ -408,6 +551,8 @@ pub(crate) fn run(
             let _ = reply.send(result);
             return;
         }
+        // Rolls go to the sync thread before any sync of the segments after them.
+        syncer.hand_out(&mut shard);
         let now = Instant::now();
         // While a sync runs the data it covers still counts as dirty: the timer is
         // set once it ends, for what was written since. A failed shard syncs no more.
@@ -547,6 +692,42 @@ mod tests {
             "{later:?}"
         );
         let closed = stop(&shard).unwrap_err();
+        assert!(closed.to_string().contains("failed earlier"), "{closed}");
+    }
+
+    #[test]
+    fn a_failed_roll_sync_stops_the_shard_and_refuses_what_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::new(dir.path());
+        config.segment_bytes = 64 << 10;
+        config.max_batch_bytes = 32 << 10;
+        let options = ShardOptions::from_config(&config, 0);
+        let budget = Arc::new(DiskBudget::new(None));
+        let mut shard = Shard::open(dir.path(), options, budget, Arc::default())
+            .unwrap()
+            .0;
+        shard.fail_next_roll();
+        let (sender, receiver) = crossbeam_channel::bounded(16);
+        std::thread::spawn(move || run(shard, receiver, FsyncPolicy::Never, Arc::default()));
+        let hold = SyncHold::default();
+        hold.release(false);
+        // About 60 records of 1 KiB fill the first segment; the roll's sync fails
+        // on the sync thread, and the shard learns of it soon after.
+        let payload = "x".repeat(1000);
+        let mut written = 0;
+        for _ in 0..100 {
+            if within(append(&sender, &payload, Ack::Written), &hold).is_err() {
+                break;
+            }
+            written += 1;
+        }
+        assert!(written > 50, "{written}");
+        let durable = within(append(&sender, "after", Ack::Durable), &hold).unwrap_err();
+        assert!(
+            matches!(&durable, AppendError::ShardFailed { reason, .. } if reason.contains("sync")),
+            "{durable:?}"
+        );
+        let closed = stop(&sender).unwrap_err();
         assert!(closed.to_string().contains("failed earlier"), "{closed}");
     }
 }

@@ -148,7 +148,9 @@ impl ServeArgs {
         store.max_record_bytes = self.max_record_kib << 10;
         store.max_batch_bytes = store
             .max_batch_bytes
-            .min(store.segment_bytes - 64)
+            .min(switchyard_broker::storage::config::batch_room(
+                store.segment_bytes,
+            ))
             .max(store.max_record_bytes);
         store.fsync = fsync;
         store.retention = Retention {
