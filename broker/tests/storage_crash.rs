@@ -582,3 +582,37 @@ fn an_unsealed_segment_whose_end_was_lost_ends_the_log() {
         .unwrap();
     assert_eq!(locate(dir.path(), 0, written.1).0, files[1]);
 }
+
+#[test]
+fn a_segment_lost_in_the_middle_of_the_log_ends_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = several_segments(dir.path());
+    let files = common::segment_files(dir.path(), 0);
+    assert!(files.len() > 3, "{files:?}");
+    let kept: Vec<_> = all
+        .iter()
+        .filter(|p| files[..2].contains(&locate(dir.path(), 0, p.1).0))
+        .collect();
+    // A machine crash kept the name of segment 2 but none of its contents, while
+    // later segments' data reached the disk.
+    std::fs::File::create(&files[2]).unwrap();
+    forget_clean_close(dir.path());
+
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config).unwrap();
+    let report = store.recovery_reports()[0].clone();
+    assert_eq!(report.cut_segments, files.len() - 3, "{report:?}");
+    assert_eq!(common::segment_files(dir.path(), 0), files[..2].to_vec());
+    assert_eq!(report.records, kept.len() as u64, "{report:?}");
+    for topic in ["guild.1", "user.9"] {
+        let records = store.read(topic, 0, ALL).unwrap().records;
+        assert_eq!(records.len(), kept.iter().filter(|p| p.2 == topic).count());
+        assert!(
+            records
+                .iter()
+                .enumerate()
+                .all(|(i, r)| r.offset == i as u64)
+        );
+    }
+}

@@ -727,6 +727,20 @@ fn rolls_start_from_a_spare_file_that_counts_as_disk_and_goes_at_close() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(store.stats().segment_bytes, store.disk_bytes());
+    // The next roll starts in the spare file.
+    use std::os::unix::fs::MetadataExt;
+    let spare_inode = std::fs::metadata(dir.path().join("shard-0000/spare.tmp"))
+        .unwrap()
+        .ino();
+    let segments = common::segment_files(dir.path(), 0).len();
+    let mut i = 400;
+    while common::segment_files(dir.path(), 0).len() == segments {
+        append(i);
+        i += 1;
+        assert!(i < 1000, "no roll");
+    }
+    let newest = common::segment_files(dir.path(), 0).pop().unwrap();
+    assert_eq!(std::fs::metadata(newest).unwrap().ino(), spare_inode);
     store.close().unwrap();
     drop(store);
     let (on_disk, spare) = shard_files(dir.path());
@@ -738,7 +752,7 @@ fn rolls_start_from_a_spare_file_that_counts_as_disk_and_goes_at_close() {
         max_bytes: usize::MAX,
     };
     let records = store.read("guild.1", 0, all).unwrap().records;
-    assert_eq!(records.len(), 400);
+    assert_eq!(records.len(), i as usize);
     assert!(
         records
             .iter()

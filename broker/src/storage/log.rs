@@ -94,21 +94,24 @@ impl SyncHold {
     }
 }
 
-/// A segment roll's work for the shard's sync thread, in order with its syncs:
-/// [`Roll::sync`] makes the sealed segment's data and the new segment's name
-/// durable, and must end before any sync of the new segment counts (the sync
-/// thread runs work in the order it is sent); [`Roll::finish`] then unmaps and
-/// cuts the sealed file, which nothing waits for.
+/// A segment roll's disk work, for the shard's sync thread, which runs it in order
+/// with its syncs ([`Roll::run`]): it seals the old segment (its data synced, then
+/// its file cut to the data and synced: recovery tells a sealed segment by its
+/// length) and makes the new segment's file and name durable. It ends before any
+/// sync of the new segment runs, so a sync that counts the new segment's data as
+/// durable comes after every older segment is sealed.
 #[derive(Debug)]
 pub struct Roll {
     sealing: Sealing,
     dir: PathBuf,
+    /// Bytes the cut gives back (already taken off the budget and disk bytes).
+    freed: u64,
     /// The new segment's file, when it was made without a spare and its size and
     /// blocks are not yet on disk.
     unsynced: Option<Arc<std::fs::File>>,
-    /// Tests: the sync fails.
+    /// Tests: holds the roll until released, or fails it.
     #[cfg(test)]
-    pub(crate) fail: bool,
+    pub(crate) hold: Option<Arc<SyncHold>>,
 }
 
 impl Roll {
@@ -117,25 +120,27 @@ impl Roll {
         self.sealing.base()
     }
 
-    pub fn sync(&self) -> Result<(), IoError> {
+    pub fn freed(&self) -> u64 {
+        self.freed
+    }
+
+    pub fn run(self) -> Result<(), IoError> {
         #[cfg(test)]
-        if self.fail {
+        if let Some(hold) = &self.hold
+            && hold.pass()
+        {
             return Err(IoError::new(
                 "syncing segment",
                 self.sealing.path(),
                 std::io::Error::other("injected sync failure"),
             ));
         }
-        self.sealing.sync_data()?;
+        self.sealing.seal()?;
         if let Some(file) = &self.unsynced {
             file.sync_all()
                 .map_err(|e| IoError::new("syncing segment", &self.dir, e))?;
         }
         sync_dir(&self.dir)
-    }
-
-    pub fn finish(self) -> Result<(), IoError> {
-        self.sealing.finish()
     }
 }
 
@@ -215,9 +220,11 @@ pub struct SegmentLog {
     /// A segment rolled since the log was opened: spare files are made from then
     /// on (a shard that never fills a segment never needs one).
     rolled: bool,
-    /// Tests: the next roll's sync fails.
+    /// Making a spare failed: the next is asked for after the next roll.
+    spare_failed: bool,
+    /// Tests: holds the rolls' work.
     #[cfg(test)]
-    pub(crate) fail_next_roll: bool,
+    pub(crate) roll_hold: Option<Arc<SyncHold>>,
 }
 
 /// The page cache is released in steps of at least this many bytes (a few
@@ -247,8 +254,9 @@ impl SegmentLog {
             spare: None,
             spare_asked: false,
             rolled: false,
+            spare_failed: false,
             #[cfg(test)]
-            fail_next_roll: false,
+            roll_hold: None,
         }
     }
 
@@ -337,6 +345,17 @@ impl SegmentLog {
         if self.segments.last().is_some_and(|s| s.remaining() > bytes) {
             return Ok(());
         }
+        if let Some(last) = self.segments.last_mut()
+            && last.remaining() == 0
+        {
+            // A full segment (written before segments were kept short of full) has
+            // no reserved space to cut: it would look sealed before its roll synced
+            // it, so it is synced here first.
+            last.sync().map_err(|error| AppendError::ShardFailed {
+                shard: self.shard,
+                reason: error.to_string(),
+            })?;
+        }
         let base = self.end();
         let spare = self.spare.take();
         let from_spare = spare.is_some();
@@ -381,9 +400,10 @@ impl SegmentLog {
                     self.rolls.push(Roll {
                         sealing,
                         dir: self.dir.clone(),
+                        freed,
                         unsynced: (!from_spare).then(|| segment.sync_target().0),
                         #[cfg(test)]
-                        fail: std::mem::take(&mut self.fail_next_roll),
+                        hold: self.roll_hold.clone(),
                     });
                 }
                 Err(error) => {
@@ -401,6 +421,7 @@ impl SegmentLog {
             }
         }
         self.rolled |= !self.segments.is_empty();
+        self.spare_failed = false;
         tracing::debug!(shard = self.shard, base, from_spare, "started segment");
         self.segments.push(segment);
         Ok(())
@@ -420,9 +441,18 @@ impl SegmentLog {
     }
 
     /// A roll's work ended. A failure is returned: the sealed data may not be on
-    /// disk.
-    pub fn sealed(&mut self, base: u64, result: Result<(), IoError>) -> Result<(), IoError> {
-        result?;
+    /// disk (and the file may not be cut: its `freed` bytes count again).
+    pub fn sealed(
+        &mut self,
+        base: u64,
+        freed: u64,
+        result: Result<(), IoError>,
+    ) -> Result<(), IoError> {
+        if let Err(error) = result {
+            self.budget.force_reserve(freed);
+            self.disk_bytes += freed;
+            return Err(error);
+        }
         if let Some(segment) = self.segments.iter_mut().find(|s| s.base() == base) {
             segment.synced_to(segment.len());
         }
@@ -433,7 +463,7 @@ impl SegmentLog {
     /// there is none and the budget has room for it; counted in the budget and the disk bytes from now on.
     /// Report the outcome to [`SegmentLog::spare_made`].
     pub fn spare_job(&mut self) -> Option<SpareJob> {
-        if self.spare.is_some() || self.spare_asked || !self.rolled {
+        if self.spare.is_some() || self.spare_asked || self.spare_failed || !self.rolled {
             return None;
         }
         self.budget.reserve(self.segment_bytes).ok()?;
@@ -451,6 +481,7 @@ impl SegmentLog {
             Ok(spare) => self.spare = Some(spare),
             Err(error) => {
                 tracing::warn!(shard = self.shard, %error, "making a spare segment failed; the next roll makes its own");
+                self.spare_failed = true;
                 self.unreserve(self.segment_bytes);
             }
         }
@@ -539,9 +570,8 @@ impl SegmentLog {
     /// first, then the newest segment.
     pub fn sync(&mut self) -> Result<(), IoError> {
         for roll in self.take_rolls() {
-            let base = roll.base();
-            let result = roll.sync().and_then(|()| roll.finish());
-            self.sealed(base, result)?;
+            let (base, freed) = (roll.base(), roll.freed());
+            self.sealed(base, freed, roll.run())?;
         }
         match self.segments.last_mut() {
             Some(segment) => segment.sync(),

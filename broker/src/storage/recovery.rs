@@ -175,6 +175,24 @@ fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, IoError> {
     Ok(found)
 }
 
+/// Deletes `later`, the segment files after `path`, whose data ends short of them:
+/// the log ends at `path`. None of their records was acknowledged as durable (a
+/// sync of a segment counts only after the seals of the segments before it), and
+/// keeping them would leave a hole in their topics' offsets.
+fn cut_log(
+    dir: &Path,
+    path: &Path,
+    later: &[(u64, PathBuf)],
+    report: &mut RecoveryReport,
+) -> Result<(), IoError> {
+    for (_, file) in later {
+        tracing::error!(file = %file.display(), after = %path.display(), "deleting a segment that follows one whose end was lost");
+        std::fs::remove_file(file).map_err(|e| IoError::new("removing", file, e))?;
+        report.cut_segments += 1;
+    }
+    sync_dir(dir)
+}
+
 /// Recovers the shard stored in `dir`.
 pub fn recover_shard(
     dir: &Path,
@@ -217,6 +235,11 @@ pub fn recover_shard(
             tracing::warn!(file = %path.display(), file_len, "removing a segment file too short to hold a header");
             std::fs::remove_file(path).map_err(|e| IoError::new("removing", path, e))?;
             report.bad_headers += 1;
+            if !newest {
+                // Its records were lost: what follows cannot be kept either.
+                cut_log(dir, path, &files[i + 1..], &mut report)?;
+                break;
+            }
             continue;
         }
         let (segment, header) = Segment::open(path, base)?;
@@ -308,19 +331,14 @@ pub fn recover_shard(
         if !clean || stopped != kept_end || !newest {
             if let Some(last_nonzero) = segment.last_nonzero_from(kept_end) {
                 report.truncated_bytes = (last_nonzero + 1 - kept_end) as u64;
-                tracing::warn!(file = %path.display(), cut_at = kept_end, bytes = report.truncated_bytes, "cut an unfinished tail from the newest segment");
+                tracing::warn!(file = %path.display(), cut_at = kept_end, bytes = report.truncated_bytes, "cut an unfinished tail from an unsealed segment");
                 segment.zero_tail()?;
             }
         }
         if !newest {
             // The segment's seal never finished and its data ends short of the next
             // segment: what followed it was lost, so the log ends here.
-            for (_, later) in &files[i + 1..] {
-                tracing::error!(file = %later.display(), after = %path.display(), "deleting a segment that follows an unsealed segment whose end was lost");
-                std::fs::remove_file(later).map_err(|e| IoError::new("removing", later, e))?;
-                report.cut_segments += 1;
-            }
-            sync_dir(dir)?;
+            cut_log(dir, path, &files[i + 1..], &mut report)?;
             break;
         }
     }

@@ -745,9 +745,8 @@ impl Spare {
 }
 
 /// The rest of a segment's seal after [`Segment::roll`], for the shard's sync
-/// thread: sync the data ([`Sealing::sync_data`]), then drop the old mapping and
-/// cut the file to its data ([`Sealing::finish`]). Holds the file open, so it may
-/// run after the segment is deleted.
+/// thread ([`Sealing::seal`]). Holds the file open, so it may run after the
+/// segment is deleted.
 pub struct Sealing {
     file: Arc<File>,
     path: PathBuf,
@@ -775,17 +774,14 @@ impl Sealing {
         &self.path
     }
 
-    /// Forces the segment's data to disk.
-    pub fn sync_data(&self) -> Result<(), IoError> {
+    /// Syncs the data, then drops the mapping of the reserved space, cuts the file
+    /// to its data and syncs that: a file as long as its data and followed by
+    /// another segment is how recovery knows a segment was sealed (its data was on
+    /// disk before the cut).
+    pub fn seal(mut self) -> Result<(), IoError> {
         self.file
             .sync_data()
-            .map_err(|e| IoError::new("syncing segment", &self.path, e))
-    }
-
-    /// Unmaps the reserved space and cuts the file to its data, then syncs that:
-    /// a file as long as its data and followed by another segment is how recovery
-    /// knows a segment was sealed (its data was synced before the cut).
-    pub fn finish(mut self) -> Result<(), IoError> {
+            .map_err(|e| IoError::new("syncing segment", &self.path, e))?;
         let Some(old_map) = self.old_map.take() else {
             return Ok(());
         };

@@ -524,8 +524,8 @@ impl Shard {
 
     /// A roll's work ended (see [`SegmentLog::sealed`]). A failure stops the shard,
     /// as a failed sync does.
-    pub fn sealed(&mut self, base: u64, result: Result<(), IoError>) {
-        if let Err(error) = self.log.sealed(base, result) {
+    pub fn sealed(&mut self, base: u64, freed: u64, result: Result<(), IoError>) {
+        if let Err(error) = self.log.sealed(base, freed, result) {
             tracing::error!(shard = self.options.id, %error, "sealing a segment failed; the shard stops accepting appends");
             self.fail(error.to_string());
         }
@@ -551,10 +551,10 @@ impl Shard {
         self.store_disk_bytes();
     }
 
-    /// Tests: the next roll's sync fails.
+    /// Tests: the rolls' work waits for `hold` (see [`SyncHold`]).
     #[cfg(test)]
-    pub(crate) fn fail_next_roll(&mut self) {
-        self.log.fail_next_roll = true;
+    pub(crate) fn hold_rolls(&mut self, hold: Arc<crate::storage::log::SyncHold>) {
+        self.log.roll_hold = Some(hold);
     }
 
     /// Stops the shard: nothing more is appended or acknowledged.

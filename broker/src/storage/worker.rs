@@ -62,8 +62,9 @@ enum Work {
 /// What the sync thread reports.
 enum Done {
     Synced(Finished),
-    /// A roll's work ended: the sealed segment's base, and the outcome.
-    Sealed(u64, Result<(), IoError>),
+    /// A roll's work ended: the sealed segment's base, the bytes its cut gives
+    /// back, and the outcome.
+    Sealed(u64, u64, Result<(), IoError>),
     Spare(Result<Spare, IoError>),
 }
 
@@ -77,12 +78,13 @@ const RELEASE_PIECE: u64 = 1 << 20;
 /// benchmark machine's disk. Appends that need a sync wait for the first one that
 /// starts after them; the next sync starts when the running one ends.
 ///
-/// The sync thread also does the disk work of segment rolls ([`Roll`]: syncing
-/// the sealed segment and the directory, in order with the syncs; then cutting the
-/// sealed file), makes the spare file the next roll starts from, and drops released
-/// pages from the page cache ([`CacheRelease`]; `posix_fadvise` took 0.3–14 ms per
-/// 4 MiB step on the shard's thread), in pieces of 1 MiB. Syncs and rolls' syncs go
-/// first, then the rest of rolls and spare files, then page-cache releases.
+/// The sync thread also does the disk work of segment rolls ([`Roll`]: sealing
+/// the old segment and syncing the directory, in order with the syncs), makes the
+/// spare file the next roll starts from, and drops released pages from the page
+/// cache ([`CacheRelease`]; `posix_fadvise` took 0.3–14 ms per 4 MiB step on the
+/// shard's thread), in pieces of 1 MiB. Syncs and rolls go first, then spare
+/// files, then page-cache releases (a spare file or a release piece that has
+/// started is not interrupted).
 struct Syncer {
     jobs: Option<crossbeam_channel::Sender<Work>>,
     releases: Option<crossbeam_channel::Sender<CacheRelease>>,
@@ -152,10 +154,11 @@ impl Syncer {
             Some(jobs) => {
                 self.running = Some(covered);
                 if let Err(unsent) = jobs.send(Work::Sync(job)) {
-                    // The thread is gone (it only ends when this side drops it): run
-                    // the job here.
-                    self.jobs = None;
-                    self.releases = None;
+                    // The thread is gone (it only ends when this side drops it, so
+                    // it panicked): run the job here, after what was lost with it.
+                    let covered = self.running.take().unwrap_or_default();
+                    self.lost(shard);
+                    self.running = Some(covered);
                     if let Work::Sync(job) = unsent.0 {
                         self.run_here(shard, job);
                     }
@@ -189,12 +192,12 @@ impl Syncer {
                 },
                 None => Work::Roll(roll),
             };
-            self.jobs = None;
-            self.releases = None;
+            if self.jobs.is_some() {
+                self.lost(shard);
+            }
             if let Work::Roll(roll) = unsent {
-                let base = roll.base();
-                let result = roll.sync().and_then(|()| roll.finish());
-                shard.sealed(base, result);
+                let (base, freed) = (roll.base(), roll.freed());
+                shard.sealed(base, freed, roll.run());
             }
         }
         if self.jobs.is_none() || self.spare_out {
@@ -217,9 +220,9 @@ impl Syncer {
     fn handle(&mut self, shard: &mut Shard, done: Done) {
         match done {
             Done::Synced(finished) => self.finish(shard, finished),
-            Done::Sealed(base, result) => {
+            Done::Sealed(base, freed, result) => {
                 self.rolls_out = self.rolls_out.saturating_sub(1);
-                shard.sealed(base, result);
+                shard.sealed(base, freed, result);
             }
             Done::Spare(result) => {
                 self.spare_out = false;
@@ -308,48 +311,37 @@ impl Syncer {
     }
 }
 
-/// Work the sync thread does when no sync or roll waits.
-enum Later {
-    /// The rest of a roll whose syncs are done.
-    Finish(Roll),
-    Spare(SpareJob),
-}
-
-/// The sync thread's loop: syncs and rolls' syncs as asked, in order, one at a
-/// time; the rest of rolls and spare files when none waits; and page-cache
-/// releases in between, a piece at a time so that work asked for meanwhile goes
-/// first. Ends when the shard's side is dropped, after the rolls and the releases
-/// already sent.
+/// The sync thread's loop: syncs and rolls as asked, in order, one at a time;
+/// spare files when none waits; and page-cache releases in between, a piece at a
+/// time so that work asked for meanwhile goes first. Ends when the shard's side is
+/// dropped, after the releases already sent.
 fn sync_thread(
     work: &Receiver<Work>,
     releases: &Receiver<CacheRelease>,
     done: &crossbeam_channel::Sender<Done>,
 ) {
-    let mut later = std::collections::VecDeque::new();
-    let run = |item: Work, later: &mut std::collections::VecDeque<Later>| match item {
+    let mut spares = Vec::new();
+    let run = |item: Work, spares: &mut Vec<SpareJob>| match item {
         Work::Sync(job) => {
             let started = Instant::now();
             let result = job.run();
             done.send(Done::Synced((job, result, started.elapsed())))
                 .is_ok()
         }
-        Work::Roll(roll) => match roll.sync() {
-            Ok(()) => {
-                later.push_back(Later::Finish(roll));
-                true
-            }
-            Err(error) => done.send(Done::Sealed(roll.base(), Err(error))).is_ok(),
-        },
+        Work::Roll(roll) => {
+            let (base, freed) = (roll.base(), roll.freed());
+            done.send(Done::Sealed(base, freed, roll.run())).is_ok()
+        }
         Work::Spare(job) => {
-            later.push_back(Later::Spare(job));
+            spares.push(job);
             true
         }
     };
     loop {
-        // Syncs first: appends may be waiting for them.
+        // Syncs and rolls first: appends may be waiting for them.
         match work.try_recv() {
             Ok(item) => {
-                if !run(item, &mut later) {
+                if !run(item, &mut spares) {
                     return;
                 }
                 continue;
@@ -357,12 +349,11 @@ fn sync_thread(
             Err(crossbeam_channel::TryRecvError::Disconnected) => break,
             Err(crossbeam_channel::TryRecvError::Empty) => {}
         }
-        if let Some(item) = later.pop_front() {
-            let sent = match item {
-                Later::Finish(roll) => done.send(Done::Sealed(roll.base(), roll.finish())),
-                Later::Spare(job) => done.send(Done::Spare(Spare::create(&job.dir, job.capacity))),
-            };
-            if sent.is_err() {
+        if let Some(job) = spares.pop() {
+            if done
+                .send(Done::Spare(Spare::create(&job.dir, job.capacity)))
+                .is_err()
+            {
                 return;
             }
             continue;
@@ -370,7 +361,7 @@ fn sync_thread(
         crossbeam_channel::select! {
             recv(work) -> item => match item {
                 Ok(item) => {
-                    if !run(item, &mut later) {
+                    if !run(item, &mut spares) {
                         return;
                     }
                 }
@@ -380,7 +371,7 @@ fn sync_thread(
                 Ok(release) => {
                     for piece in release.pieces(RELEASE_PIECE) {
                         while let Ok(item) = work.try_recv() {
-                            if !run(item, &mut later) {
+                            if !run(item, &mut spares) {
                                 return;
                             }
                         }
@@ -389,12 +380,6 @@ fn sync_thread(
                 }
                 Err(_) => break,
             },
-        }
-    }
-    // The shard's side is gone: cut the sealed files (no spare is wanted now).
-    for item in later {
-        if let Later::Finish(roll) = item {
-            let _ = roll.finish();
         }
     }
     for release in releases.try_iter() {
@@ -695,39 +680,62 @@ mod tests {
         assert!(closed.to_string().contains("failed earlier"), "{closed}");
     }
 
-    #[test]
-    fn a_failed_roll_sync_stops_the_shard_and_refuses_what_waits_for_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = StoreConfig::new(dir.path());
+    /// A shard thread with 64 KiB segments whose rolls wait for the returned hold,
+    /// after 100 written appends of 1 KiB: about 60 fill a segment, so one roll
+    /// is held, and the appends after it were answered meanwhile.
+    fn rolled_and_held(dir: &Path) -> (crossbeam_channel::Sender<Command>, Arc<SyncHold>) {
+        let mut config = StoreConfig::new(dir);
         config.segment_bytes = 64 << 10;
         config.max_batch_bytes = 32 << 10;
         let options = ShardOptions::from_config(&config, 0);
         let budget = Arc::new(DiskBudget::new(None));
-        let mut shard = Shard::open(dir.path(), options, budget, Arc::default())
-            .unwrap()
-            .0;
-        shard.fail_next_roll();
+        let mut shard = Shard::open(dir, options, budget, Arc::default()).unwrap().0;
+        let hold = Arc::new(SyncHold::default());
+        shard.hold_rolls(hold.clone());
         let (sender, receiver) = crossbeam_channel::bounded(16);
         std::thread::spawn(move || run(shard, receiver, FsyncPolicy::Never, Arc::default()));
-        let hold = SyncHold::default();
-        hold.release(false);
-        // About 60 records of 1 KiB fill the first segment; the roll's sync fails
-        // on the sync thread, and the shard learns of it soon after.
         let payload = "x".repeat(1000);
-        let mut written = 0;
-        for _ in 0..100 {
-            if within(append(&sender, &payload, Ack::Written), &hold).is_err() {
-                break;
-            }
-            written += 1;
+        for i in 0..100 {
+            let written = within(append(&sender, &payload, Ack::Written), &hold);
+            assert_eq!(written.unwrap()[0].offset, i);
         }
-        assert!(written > 50, "{written}");
-        let durable = within(append(&sender, "after", Ack::Durable), &hold).unwrap_err();
+        hold.wait_started(1);
+        (sender, hold)
+    }
+
+    #[test]
+    fn a_roll_runs_off_the_shard_thread_and_durable_appends_after_it_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shard, hold) = rolled_and_held(dir.path());
+        let mut durable = append(&shard, "after the roll", Ack::Durable);
+        std::thread::sleep(Duration::from_millis(50));
         assert!(
-            matches!(&durable, AppendError::ShardFailed { reason, .. } if reason.contains("sync")),
-            "{durable:?}"
+            durable.try_recv().is_err(),
+            "answered before the roll sealed the segment before it"
         );
-        let closed = stop(&sender).unwrap_err();
+        hold.release(false);
+        assert_eq!(within(durable, &hold).unwrap()[0].offset, 100);
+        stop(&shard).unwrap();
+    }
+
+    #[test]
+    fn a_failed_roll_stops_the_shard_and_refuses_what_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shard, hold) = rolled_and_held(dir.path());
+        let durable = append(&shard, "after the roll", Ack::Durable);
+        std::thread::sleep(Duration::from_millis(50));
+        hold.release(true);
+        let error = within(durable, &hold).unwrap_err();
+        assert!(
+            matches!(&error, AppendError::ShardFailed { reason, .. } if reason.contains("sync")),
+            "{error:?}"
+        );
+        let later = within(append(&shard, "c", Ack::Written), &hold);
+        assert!(
+            matches!(later, Err(AppendError::ShardFailed { .. })),
+            "{later:?}"
+        );
+        let closed = stop(&shard).unwrap_err();
         assert!(closed.to_string().contains("failed earlier"), "{closed}");
     }
 }
