@@ -615,4 +615,35 @@ fn a_segment_lost_in_the_middle_of_the_log_ends_it() {
                 .all(|(i, r)| r.offset == i as u64)
         );
     }
+    // The log now ends in a sealed segment, with no room: the next append rolls.
+    let guild_kept = kept.iter().filter(|p| p.2 == "guild.1").count() as u64;
+    let next = store
+        .append(vec![record("guild.1", "after")], Ack::Durable)
+        .unwrap();
+    assert_eq!(next[0].offset, guild_kept);
+    assert_eq!(common::segment_files(dir.path(), 0).len(), 3);
+}
+
+#[test]
+fn an_unsealed_segment_with_no_header_and_no_record_in_the_middle_ends_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = several_segments(dir.path());
+    let files = common::segment_files(dir.path(), 0);
+    assert!(files.len() > 3, "{files:?}");
+    let kept = all
+        .iter()
+        .filter(|p| files[..2].contains(&locate(dir.path(), 0, p.1).0))
+        .count();
+    // A spare renamed to segment 2's name whose header and records never reached
+    // the disk, while later segments' data did.
+    std::fs::write(&files[2], vec![0u8; 64 << 10]).unwrap();
+    forget_clean_close(dir.path());
+
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    let store = Store::open(config).unwrap();
+    let report = store.recovery_reports()[0].clone();
+    assert_eq!(report.cut_segments, files.len() - 3, "{report:?}");
+    assert_eq!(report.records, kept as u64, "{report:?}");
+    assert_eq!(common::segment_files(dir.path(), 0), files[..2].to_vec());
 }

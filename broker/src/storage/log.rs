@@ -451,6 +451,9 @@ impl SegmentLog {
         if let Err(error) = result {
             self.budget.force_reserve(freed);
             self.disk_bytes += freed;
+            if let Some(segment) = self.segments.iter_mut().find(|s| s.base() == base) {
+                segment.set_uncut(freed);
+            }
             return Err(error);
         }
         if let Some(segment) = self.segments.iter_mut().find(|s| s.base() == base) {
@@ -621,7 +624,7 @@ impl SegmentLog {
         // Unlinking a mapped file is fine: the mapping stays valid until dropped.
         std::fs::remove_file(&path).map_err(|e| IoError::new("deleting segment", &path, e))?;
         let oldest = self.segments.remove(0);
-        let bytes = oldest.capacity() as u64;
+        let bytes = oldest.disk_len();
         drop(oldest);
         self.disk_bytes -= bytes;
         self.budget.release(bytes);

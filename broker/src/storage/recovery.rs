@@ -300,10 +300,15 @@ pub fn recover_shard(
             },
         );
         drop(pending);
-        if newest && !header_ok && records == 0 {
-            // A crash between reserving the file and writing its header.
-            tracing::warn!(file = %path.display(), "removing the newest segment: no header and no record");
+        if !sealed && !header_ok && records == 0 {
+            // A crash between reserving the file and writing its header (or, not the
+            // newest, before any of its records reached the disk).
+            tracing::warn!(file = %path.display(), "removing an unsealed segment with no header and no record");
             log.discard_newest()?;
+            if !newest {
+                cut_log(dir, path, &files[i + 1..], &mut report)?;
+                break;
+            }
             continue;
         }
         report.records += records;

@@ -141,6 +141,8 @@ pub struct Segment {
     cache_released: usize,
     /// Newest record timestamp, for retention by age.
     last_timestamp_ms: u64,
+    /// File bytes past the mapping (a roll whose cut failed).
+    uncut: u64,
 }
 
 impl std::fmt::Debug for Segment {
@@ -313,6 +315,7 @@ impl Segment {
             synced_len: SEGMENT_HEADER_LEN,
             cache_released: 0,
             last_timestamp_ms: 0,
+            uncut: 0,
         })
     }
 
@@ -358,6 +361,7 @@ impl Segment {
             synced_len: file_len,
             cache_released: 0,
             last_timestamp_ms: 0,
+            uncut: 0,
         };
         Ok((segment, header))
     }
@@ -387,6 +391,16 @@ impl Segment {
     /// Bytes the file takes on disk.
     pub fn capacity(&self) -> usize {
         self.map.len()
+    }
+
+    /// Bytes the file takes on disk: its mapping, and what a failed roll left uncut.
+    pub fn disk_len(&self) -> u64 {
+        self.map.len() as u64 + self.uncut
+    }
+
+    /// A roll's cut may have failed: `bytes` past the mapping may still be in the file.
+    pub fn set_uncut(&mut self, bytes: u64) {
+        self.uncut = bytes;
     }
 
     pub fn remaining(&self) -> usize {
@@ -695,6 +709,8 @@ fn reserve(file: &File, path: &Path, capacity: u64) -> Result<(), IoError> {
 
 /// Name of a shard's spare segment file. Recovery deletes it (it ends in `.tmp`).
 pub const SPARE_FILE_NAME: &str = "spare.tmp";
+/// Name of a spare segment file while it is being made.
+const SPARE_MAKING_NAME: &str = "spare-new.tmp";
 
 /// A file made ready for the next segment by the shard's sync thread: its blocks
 /// reserved and synced, so that a roll only renames it and writes a header (see
@@ -707,20 +723,27 @@ pub struct Spare {
 }
 
 impl Spare {
-    /// Creates (or recreates) the spare file in `dir`.
+    /// Creates (or recreates) the spare file in `dir`: under another name until its
+    /// blocks are reserved and synced, so that `spare.tmp` is always ready.
     pub fn create(dir: &Path, capacity: u64) -> Result<Spare, IoError> {
+        let making = dir.join(SPARE_MAKING_NAME);
         let path = dir.join(SPARE_FILE_NAME);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
-            .map_err(|e| IoError::new("creating spare segment", &path, e))?;
-        let result = reserve(&file, &path, capacity).and_then(|()| {
-            file.sync_all()
-                .map_err(|e| IoError::new("syncing spare segment", &path, e))
-        });
+            .open(&making)
+            .map_err(|e| IoError::new("creating spare segment", &making, e))?;
+        let result = reserve(&file, &making, capacity)
+            .and_then(|()| {
+                file.sync_all()
+                    .map_err(|e| IoError::new("syncing spare segment", &making, e))
+            })
+            .and_then(|()| {
+                std::fs::rename(&making, &path)
+                    .map_err(|e| IoError::new("renaming spare segment", &making, e))
+            });
         match result {
             Ok(()) => Ok(Spare {
                 file,
@@ -728,7 +751,7 @@ impl Spare {
                 capacity,
             }),
             Err(error) => {
-                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(&making);
                 Err(error)
             }
         }

@@ -200,18 +200,21 @@ impl Syncer {
                 shard.sealed(base, freed, roll.run());
             }
         }
-        if self.jobs.is_none() || self.spare_out {
+        if self.jobs.is_none() || self.spare_out || shard.failure().is_some() {
             return;
         }
         if let Some(job) = shard.spare_job() {
             match self.jobs.as_ref().map(|jobs| jobs.send(Work::Spare(job))) {
                 Some(Ok(())) => self.spare_out = true,
-                Some(Err(unsent)) => {
-                    if let Work::Spare(job) = unsent.0 {
-                        shard.spare_made(Spare::create(&job.dir, job.capacity));
-                    }
+                _ => {
+                    let error = IoError::new(
+                        "making a spare segment in",
+                        shard.dir(),
+                        std::io::Error::other("the sync thread stopped"),
+                    );
+                    self.lost(shard);
+                    shard.spare_made(Err(error));
                 }
-                None => {}
             }
         }
     }
@@ -289,6 +292,11 @@ impl Syncer {
         );
         self.jobs = None;
         self.releases = None;
+        // What it reported before it stopped still counts.
+        let reported: Vec<Done> = self.finished.try_iter().collect();
+        for done in reported {
+            self.handle(shard, done);
+        }
         self.finished = crossbeam_channel::never();
         if std::mem::take(&mut self.rolls_out) > 0 {
             // A sealed segment's data may not be on disk.
@@ -628,7 +636,9 @@ mod tests {
     fn stop(shard: &crossbeam_channel::Sender<Command>) -> Result<(), IoError> {
         let (reply, stopped) = crossbeam_channel::bounded(1);
         shard.send(Command::Stop { reply }).unwrap();
-        stopped.recv().unwrap()
+        stopped
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the shard stopped within 10 s")
     }
 
     #[test]
