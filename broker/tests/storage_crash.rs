@@ -112,23 +112,9 @@ fn torn_tail_cuts_the_unfinished_batch_and_readers_past_it_are_told() {
 #[test]
 fn flipped_byte_in_a_sealed_segment_keeps_every_valid_record() {
     let dir = tempfile::tempdir().unwrap();
+    let all = several_segments(dir.path());
     let mut config = small_config(dir.path());
     config.shard_count = 1;
-    let store = Store::open(config.clone()).unwrap();
-    for i in 0..300u32 {
-        store
-            .append(
-                vec![
-                    record("guild.1", format!("g-{i}-{}", "x".repeat(900))),
-                    record("user.9", format!("u-{i}")),
-                ],
-                Ack::Written,
-            )
-            .unwrap();
-    }
-    let all = positions(&store);
-    store.close().unwrap();
-    drop(store);
     assert!(common::segment_files(dir.path(), 0).len() > 3);
 
     // Damage the payload of guild.1's record 5, in the first (sealed) segment.

@@ -674,19 +674,29 @@ mod tests {
         let second = append(&shard, "b", Ack::Durable);
         std::thread::sleep(Duration::from_millis(50));
         hold.release(true);
-        for answer in [first, second] {
-            let error = within(answer, &hold).unwrap_err();
+        refused_for_a_failed_sync(&shard, &hold, [first, second]);
+    }
+
+    /// `answers` are refused for a failed sync, and so is what follows, and the
+    /// shard's close says it failed.
+    fn refused_for_a_failed_sync<const N: usize>(
+        shard: &crossbeam_channel::Sender<Command>,
+        hold: &SyncHold,
+        answers: [Answer; N],
+    ) {
+        for answer in answers {
+            let error = within(answer, hold).unwrap_err();
             assert!(
                 matches!(&error, AppendError::ShardFailed { reason, .. } if reason.contains("sync")),
                 "{error:?}"
             );
         }
-        let later = within(append(&shard, "c", Ack::Written), &hold);
+        let later = within(append(shard, "c", Ack::Written), hold);
         assert!(
             matches!(later, Err(AppendError::ShardFailed { .. })),
             "{later:?}"
         );
-        let closed = stop(&shard).unwrap_err();
+        let closed = stop(shard).unwrap_err();
         assert!(closed.to_string().contains("failed earlier"), "{closed}");
     }
 
@@ -735,17 +745,6 @@ mod tests {
         let durable = append(&shard, "after the roll", Ack::Durable);
         std::thread::sleep(Duration::from_millis(50));
         hold.release(true);
-        let error = within(durable, &hold).unwrap_err();
-        assert!(
-            matches!(&error, AppendError::ShardFailed { reason, .. } if reason.contains("sync")),
-            "{error:?}"
-        );
-        let later = within(append(&shard, "c", Ack::Written), &hold);
-        assert!(
-            matches!(later, Err(AppendError::ShardFailed { .. })),
-            "{later:?}"
-        );
-        let closed = stop(&shard).unwrap_err();
-        assert!(closed.to_string().contains("failed earlier"), "{closed}");
+        refused_for_a_failed_sync(&shard, &hold, [durable]);
     }
 }
