@@ -113,8 +113,6 @@ fn torn_tail_cuts_the_unfinished_batch_and_readers_past_it_are_told() {
 fn flipped_byte_in_a_sealed_segment_keeps_every_valid_record() {
     let dir = tempfile::tempdir().unwrap();
     let all = several_segments(dir.path());
-    let mut config = small_config(dir.path());
-    config.shard_count = 1;
     assert!(common::segment_files(dir.path(), 0).len() > 3);
 
     // Damage the payload of guild.1's record 5, in the first (sealed) segment.
@@ -123,7 +121,7 @@ fn flipped_byte_in_a_sealed_segment_keeps_every_valid_record() {
     assert_eq!(file, common::segment_files(dir.path(), 0)[0]);
     flip_byte(&file, at + 100);
 
-    let store = Store::open(config).unwrap();
+    let store = Store::open(one_shard(dir.path())).unwrap();
     let report = &store.recovery_reports()[0];
     assert_eq!(report.corrupt_frames, 1, "{report:?}");
     assert_eq!(report.records, 599);
@@ -451,12 +449,16 @@ fn an_interrupted_segment_creation_is_cleaned_up() {
     assert_eq!(next[0].offset, 1);
 }
 
+fn one_shard(dir: &Path) -> switchyard_broker::storage::StoreConfig {
+    let mut config = small_config(dir);
+    config.shard_count = 1;
+    config
+}
+
 /// A store of one shard with 300 two-record batches over several segments,
 /// closed cleanly; returns every record's position.
 fn several_segments(dir: &Path) -> Vec<(u32, u64, String, u64)> {
-    let mut config = small_config(dir);
-    config.shard_count = 1;
-    let store = Store::open(config).unwrap();
+    let store = Store::open(one_shard(dir)).unwrap();
     for i in 0..300u32 {
         store
             .append(
@@ -491,9 +493,7 @@ fn a_seal_a_stop_interrupted_is_finished_when_the_data_is_all_there() {
         .unwrap();
     forget_clean_close(dir.path());
 
-    let mut config = small_config(dir.path());
-    config.shard_count = 1;
-    let store = Store::open(config).unwrap();
+    let store = Store::open(one_shard(dir.path())).unwrap();
     let report = &store.recovery_reports()[0];
     assert_eq!(report.records, all.len() as u64, "{report:?}");
     assert_eq!(report.cut_segments, 0, "{report:?}");
@@ -534,9 +534,7 @@ fn an_unsealed_segment_whose_end_was_lost_ends_the_log() {
     zero_range(&files[1], at, (sealed_len - at) as usize);
     forget_clean_close(dir.path());
 
-    let mut config = small_config(dir.path());
-    config.shard_count = 1;
-    let store = Store::open(config).unwrap();
+    let store = Store::open(one_shard(dir.path())).unwrap();
     let report = store.recovery_reports()[0].clone();
     assert_eq!(report.cut_segments, files.len() - 2, "{report:?}");
     assert!(report.found_damage());
@@ -584,9 +582,7 @@ fn a_segment_lost_in_the_middle_of_the_log_ends_it() {
     std::fs::File::create(&files[2]).unwrap();
     forget_clean_close(dir.path());
 
-    let mut config = small_config(dir.path());
-    config.shard_count = 1;
-    let store = Store::open(config).unwrap();
+    let store = Store::open(one_shard(dir.path())).unwrap();
     let report = store.recovery_reports()[0].clone();
     assert_eq!(report.cut_segments, files.len() - 3, "{report:?}");
     assert_eq!(common::segment_files(dir.path(), 0), files[..2].to_vec());
@@ -625,9 +621,7 @@ fn an_unsealed_segment_with_no_header_and_no_record_in_the_middle_ends_the_log()
     std::fs::write(&files[2], vec![0u8; 64 << 10]).unwrap();
     forget_clean_close(dir.path());
 
-    let mut config = small_config(dir.path());
-    config.shard_count = 1;
-    let store = Store::open(config).unwrap();
+    let store = Store::open(one_shard(dir.path())).unwrap();
     let report = store.recovery_reports()[0].clone();
     assert_eq!(report.cut_segments, files.len() - 3, "{report:?}");
     assert_eq!(report.records, kept as u64, "{report:?}");
