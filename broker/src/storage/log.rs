@@ -151,6 +151,24 @@ pub struct SpareJob {
     pub capacity: u64,
 }
 
+/// Where a shard's spare segment file stands. From the roll that wants it until
+/// it is used or deleted, it counts in the budget and the disk bytes: counting it
+/// at the roll, not when the sync thread is asked, means retention run right after
+/// a roll already sees it.
+#[derive(Debug)]
+enum SpareState {
+    /// None wanted: no segment has rolled since the log was opened (a shard that
+    /// never fills a segment never needs one), the budget had no room at the last
+    /// roll, or making the last one failed. The next roll asks again.
+    Unwanted,
+    /// Wanted and counted; not yet asked of the sync thread.
+    Wanted,
+    /// The sync thread is making it.
+    Making,
+    /// Ready for the next roll.
+    Ready(Spare),
+}
+
 /// Space reserved for segment files across a whole store, against an optional budget.
 #[derive(Debug)]
 pub struct DiskBudget {
@@ -214,14 +232,8 @@ pub struct SegmentLog {
     cache_released_to: u64,
     /// Rolls whose work is not yet handed out (see [`SegmentLog::take_rolls`]).
     rolls: Vec<Roll>,
-    /// A file ready for the next segment, and whether one is being made.
-    spare: Option<Spare>,
-    spare_asked: bool,
-    /// A segment rolled since the log was opened: spare files are made from then
-    /// on (a shard that never fills a segment never needs one).
-    rolled: bool,
-    /// Making a spare failed: the next is asked for after the next roll.
-    spare_failed: bool,
+    /// The file for the next segment.
+    spare: SpareState,
     /// Tests: holds the rolls' work.
     #[cfg(test)]
     pub(crate) roll_hold: Option<Arc<SyncHold>>,
@@ -251,10 +263,7 @@ impl SegmentLog {
             segments,
             cache_released_to: 0,
             rolls: Vec::new(),
-            spare: None,
-            spare_asked: false,
-            rolled: false,
-            spare_failed: false,
+            spare: SpareState::Unwanted,
             #[cfg(test)]
             roll_hold: None,
         }
@@ -357,7 +366,13 @@ impl SegmentLog {
             })?;
         }
         let base = self.end();
-        let spare = self.spare.take();
+        let spare = match std::mem::replace(&mut self.spare, SpareState::Unwanted) {
+            SpareState::Ready(spare) => Some(spare),
+            other => {
+                self.spare = other;
+                None
+            }
+        };
         let from_spare = spare.is_some();
         if spare.is_none() {
             self.budget.reserve(self.segment_bytes)?;
@@ -420,8 +435,9 @@ impl SegmentLog {
                 }
             }
         }
-        self.rolled |= !self.segments.is_empty();
-        self.spare_failed = false;
+        if !self.segments.is_empty() {
+            self.want_spare();
+        }
         tracing::debug!(shard = self.shard, base, from_spare, "started segment");
         self.segments.push(segment);
         Ok(())
@@ -462,16 +478,24 @@ impl SegmentLog {
         Ok(())
     }
 
-    /// A spare file to make for the next roll, once a segment has rolled, when
-    /// there is none and the budget has room for it; counted in the budget and the disk bytes from now on.
-    /// Report the outcome to [`SegmentLog::spare_made`].
+    /// A segment rolled: a spare file is wanted for the next roll, unless one is
+    /// being made or the budget has no room for it. It counts from now on.
+    fn want_spare(&mut self) {
+        if matches!(self.spare, SpareState::Unwanted)
+            && self.budget.reserve(self.segment_bytes).is_ok()
+        {
+            self.disk_bytes += self.segment_bytes;
+            self.spare = SpareState::Wanted;
+        }
+    }
+
+    /// The spare file to make for the next roll, if one is wanted and not yet
+    /// asked for. Report the outcome to [`SegmentLog::spare_made`].
     pub fn spare_job(&mut self) -> Option<SpareJob> {
-        if self.spare.is_some() || self.spare_asked || self.spare_failed || !self.rolled {
+        if !matches!(self.spare, SpareState::Wanted) {
             return None;
         }
-        self.budget.reserve(self.segment_bytes).ok()?;
-        self.disk_bytes += self.segment_bytes;
-        self.spare_asked = true;
+        self.spare = SpareState::Making;
         Some(SpareJob {
             dir: self.dir.clone(),
             capacity: self.segment_bytes,
@@ -479,23 +503,29 @@ impl SegmentLog {
     }
 
     pub fn spare_made(&mut self, result: Result<Spare, IoError>) {
-        self.spare_asked = false;
         match result {
-            Ok(spare) => self.spare = Some(spare),
+            Ok(spare) => self.spare = SpareState::Ready(spare),
             Err(error) => {
                 tracing::warn!(shard = self.shard, %error, "making a spare segment failed; the next roll makes its own");
-                self.spare_failed = true;
+                self.spare = SpareState::Unwanted;
                 self.unreserve(self.segment_bytes);
             }
         }
     }
 
-    /// Deletes the spare file, if any (the shard stops).
+    /// Deletes the spare file, if any, and stops counting a wanted one (the shard
+    /// stops, once no spare is being made).
     pub fn discard_spare(&mut self) {
-        if let Some(spare) = self.spare.take() {
-            let bytes = spare.capacity();
-            spare.discard();
-            self.unreserve(bytes);
+        match std::mem::replace(&mut self.spare, SpareState::Unwanted) {
+            SpareState::Ready(spare) => {
+                let bytes = spare.capacity();
+                spare.discard();
+                self.unreserve(bytes);
+            }
+            SpareState::Wanted => self.unreserve(self.segment_bytes),
+            SpareState::Unwanted => {}
+            // Its outcome still comes to `spare_made`.
+            making @ SpareState::Making => self.spare = making,
         }
     }
 

@@ -535,9 +535,7 @@ impl Shard {
     /// A spare segment file to make for the next roll, if one is wanted (see
     /// [`SegmentLog::spare_job`]).
     pub fn spare_job(&mut self) -> Option<SpareJob> {
-        let job = self.log.spare_job();
-        self.store_disk_bytes();
-        job
+        self.log.spare_job()
     }
 
     pub fn spare_made(&mut self, result: Result<Spare, IoError>) {
@@ -545,7 +543,8 @@ impl Shard {
         self.store_disk_bytes();
     }
 
-    /// Deletes the spare segment file (the shard stops).
+    /// Deletes the spare segment file, and stops counting a wanted one (the shard
+    /// stops, failed, or lost its sync thread).
     pub fn discard_spare(&mut self) {
         self.log.discard_spare();
         self.store_disk_bytes();
@@ -1169,6 +1168,66 @@ mod tests {
         for topic in topics {
             assert!(check_skip_pointers(&shard, topic) > 1 << (skips::MIN_LEVEL + 4));
         }
+    }
+
+    /// Bytes of the files in the shard's directory.
+    fn bytes_on_disk(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().metadata().unwrap().len())
+            .sum()
+    }
+
+    #[test]
+    fn a_spare_counts_from_the_roll_that_wants_it_so_retention_just_after_leaves_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 4 * (64 << 10);
+        let mut config = StoreConfig::new(dir.path());
+        config.segment_bytes = 64 << 10;
+        config.max_batch_bytes = 32 << 10;
+        config.retention = Retention {
+            max_bytes: Some(max),
+            max_age: None,
+        };
+        let options = ShardOptions::from_config(&config, 0);
+        let mut shard = Shard::open(
+            dir.path(),
+            options,
+            Arc::new(DiskBudget::new(None)),
+            Arc::default(),
+        )
+        .unwrap()
+        .0;
+        let shard_dir = shard.dir().to_owned();
+        let mut rolls = 0;
+        for i in 0..1000u32 {
+            shard
+                .append(&[NewRecord::new("guild.1", vec![i as u8; 500])], 1)
+                .unwrap();
+            let rolled = shard.take_rolls();
+            if rolled.is_empty() {
+                continue;
+            }
+            rolls += 1;
+            for roll in rolled {
+                let (base, freed) = (roll.base(), roll.freed());
+                shard.sealed(base, freed, roll.run());
+            }
+            // Retention in the same command group as the roll, before the sync
+            // thread is asked for the spare, already counts it.
+            shard.enforce_retention(1).unwrap();
+            let disk = shard.log.disk_bytes();
+            assert!(disk <= max, "{disk} after roll {rolls}");
+            let job = shard.spare_job().expect("a roll wants a spare");
+            assert_eq!(shard.log.disk_bytes(), disk);
+            assert_eq!(bytes_on_disk(&shard_dir) + job.capacity, disk);
+            shard.spare_made(Spare::create(&job.dir, job.capacity));
+            assert_eq!(shard.log.disk_bytes(), disk);
+            assert_eq!(bytes_on_disk(&shard_dir), disk);
+        }
+        assert!(rolls > 5, "{rolls}");
+        shard.discard_spare();
+        assert_eq!(bytes_on_disk(&shard_dir), shard.log.disk_bytes());
     }
 
     #[test]

@@ -200,7 +200,12 @@ impl Syncer {
                 shard.sealed(base, freed, roll.run());
             }
         }
-        if self.jobs.is_none() || self.spare_out || shard.failure().is_some() {
+        if self.jobs.is_none() || shard.failure().is_some() {
+            // No one to make a spare, or no roll to use it: one wanted stops counting.
+            shard.discard_spare();
+            return;
+        }
+        if self.spare_out {
             return;
         }
         if let Some(job) = shard.spare_job() {
