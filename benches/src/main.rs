@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run scenarios against the systems and write the results.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Rewrite results.md and the charts from a results.json.
     Report {
         /// The results.json of an earlier run.
@@ -98,6 +98,11 @@ struct RunArgs {
     /// Where the servers keep their data (default: a temporary directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// Writes every latency repetition's batches to DIR/latency-SYSTEM-LOAD-REP.tsv:
+    /// when each arrived, how many records, and its worst latency (to find the
+    /// stalls behind a p99).
+    #[arg(long, value_name = "DIR")]
+    latency_trace: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -105,7 +110,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|runtime| runtime.block_on(run(args))),
+            .and_then(|runtime| runtime.block_on(run(*args))),
         Command::Report { from, out } => report(&from, out.as_deref()),
     };
     match result {
@@ -226,6 +231,10 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(streams) = args.fanout_streams {
         sizes.fanout_streams = streams.max(1);
+    }
+    if let Some(dir) = &args.latency_trace {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        sizes.latency_trace = Some(dir.clone());
     }
     for scenario in &args.scenarios {
         if !SCENARIOS.contains(&scenario.as_str()) {

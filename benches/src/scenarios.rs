@@ -2,11 +2,12 @@
 //! and adds one [`Measurement`] per metric (all repetitions' samples in it).
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
@@ -32,6 +33,9 @@ pub struct Sizes {
     pub filter_events: u64,
     /// Topic counts of the restart scenario.
     pub restart_topics: Vec<u64>,
+    /// Where each latency repetition writes one line per batch its consumer got
+    /// (see [`write_latency_trace`]), if anywhere.
+    pub latency_trace: Option<PathBuf>,
 }
 
 impl Sizes {
@@ -46,6 +50,7 @@ impl Sizes {
             filtered_subscriptions: 10_000,
             filter_events: 200,
             restart_topics: vec![1_000_000, 10_000_000],
+            latency_trace: None,
         }
     }
 
@@ -61,6 +66,7 @@ impl Sizes {
             filtered_subscriptions: 100,
             filter_events: 5,
             restart_topics: vec![500],
+            latency_trace: None,
         }
     }
 }
@@ -86,20 +92,33 @@ struct Outcome {
     deliveries: u64,
     last: Option<Instant>,
     latency: Option<Histogram<u64>>,
+    /// With a latency histogram: each batch handed out, in order (see [`Batch`]).
+    batches: Vec<Batch>,
     /// Kept alive until the scenario has read what it needs (e.g. the server's RSS
     /// with every subscription still in place).
     _consumer: Consumer,
 }
 
+/// One batch a latency run's consumer was handed.
+struct Batch {
+    /// When it arrived, µs since the run's start.
+    arrived_us: u64,
+    records: u32,
+    /// Latency of its oldest record, µs.
+    max_latency_us: u64,
+}
+
 impl Counter {
     /// Consumes until `expected` deliveries or `deadline`; with `base`, the first 8
     /// bytes of each payload are its intended send time (ns since `base`) and a
-    /// latency histogram (µs) is kept for payloads sent after `warmup`.
+    /// latency histogram (µs) is kept for payloads sent after `warmup`; with
+    /// `trace` too, every batch's arrival, size and worst latency.
     fn spawn(
         mut consumer: Consumer,
         mut expected: watch::Receiver<u64>,
         deadline: Instant,
         base: Option<(Instant, Duration)>,
+        trace: bool,
     ) -> Counter {
         let received = Arc::new(AtomicU64::new(0));
         let count = received.clone();
@@ -109,11 +128,13 @@ impl Counter {
             let mut latency = base.map(|_| {
                 Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")
             });
+            let mut batches = Vec::new();
             let deadline = tokio::time::Instant::from_std(deadline);
             while deliveries < *expected.borrow_and_update() {
                 // One clock read per batch handed out: records that arrived together
                 // get the same arrival time.
                 let mut arrived = None;
+                let (mut records, mut max_latency_us) = (0u32, 0u64);
                 let mut on = |payload: &[u8], subscriptions: usize| {
                     deliveries += subscriptions as u64;
                     let now = *arrived.get_or_insert_with(Instant::now);
@@ -122,17 +143,32 @@ impl Counter {
                         && payload.len() >= 8
                     {
                         let sent = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                        let latency_us = (now.duration_since(base).as_nanos() as u64)
+                            .saturating_sub(sent)
+                            / 1000;
                         if sent >= warmup.as_nanos() as u64 {
-                            let now = now.duration_since(base).as_nanos() as u64;
-                            histogram.saturating_record(now.saturating_sub(sent) / 1000);
+                            histogram.saturating_record(latency_us);
                         }
+                        records += 1;
+                        max_latency_us = max_latency_us.max(latency_us);
                     }
                 };
                 // Wakes up when the publisher says how many to expect (all may be
                 // here already).
                 tokio::select! {
                     next = tokio::time::timeout_at(deadline, consumer.next_batch(&mut on)) => match next {
-                        Ok(Ok(true)) => count.store(deliveries, Ordering::Relaxed),
+                        Ok(Ok(true)) => {
+                            count.store(deliveries, Ordering::Relaxed);
+                            if let (true, Some((base, _)), Some(at)) = (trace, base, arrived)
+                                && records > 0
+                            {
+                                batches.push(Batch {
+                                    arrived_us: at.duration_since(base).as_micros() as u64,
+                                    records,
+                                    max_latency_us,
+                                });
+                            }
+                        }
                         Ok(Ok(false)) => bail!("the consumer's stream ended"),
                         Ok(Err(error)) => return Err(error),
                         Err(_) => break,
@@ -147,6 +183,7 @@ impl Counter {
                 deliveries,
                 last,
                 latency,
+                batches,
                 _consumer: consumer,
             })
         });
@@ -156,6 +193,32 @@ impl Counter {
     async fn finish(self) -> Result<Outcome> {
         self.task.await?
     }
+}
+
+/// Writes a latency repetition's batches as tab-separated lines: arrival (µs since
+/// the run's start), records, and the worst latency in the batch (µs), after a
+/// header and a comment giving the warm-up the histogram left out. Gaps in
+/// `arrived_us` followed by large batches are the stalls behind a p99.
+fn write_latency_trace(path: &Path, warmup: Duration, batches: &[Batch]) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    writeln!(
+        out,
+        "# warm-up (not in the histogram): first {} µs",
+        warmup.as_micros()
+    )?;
+    writeln!(out, "arrived_us\trecords\tmax_latency_us")?;
+    for batch in batches {
+        writeln!(
+            out,
+            "{}\t{}\t{}",
+            batch.arrived_us, batch.records, batch.max_latency_us
+        )?;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn payload(size: usize) -> Bytes {
@@ -222,6 +285,7 @@ pub async fn throughput(
                     expecting.clone(),
                     started + sizes.duration + DRAIN,
                     None,
+                    false,
                 );
                 let cpu_before = cpu(systems, kind);
                 let client_cpu_before = own_cpu();
@@ -305,6 +369,7 @@ pub async fn latency(
                     expecting.clone(),
                     base + sizes.duration + DRAIN,
                     Some((base, warmup)),
+                    sizes.latency_trace.is_some(),
                 );
                 let mut sent = 0u64;
                 let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -339,6 +404,14 @@ pub async fn latency(
                 publisher.flush().await?;
                 expected.send_replace(sent);
                 let outcome = counter.finish().await?;
+                if let Some(dir) = &sizes.latency_trace {
+                    let path = dir.join(format!(
+                        "latency-{}-{percent}-{}.tsv",
+                        kind.label(),
+                        rep + 1
+                    ));
+                    write_latency_trace(&path, warmup, &outcome.batches)?;
+                }
                 let histogram = outcome.latency.expect("latency kept");
                 if histogram.is_empty() {
                     bail!(
@@ -403,7 +476,13 @@ pub async fn fanout(
             let counters: Vec<Counter> = consumers
                 .into_iter()
                 .map(|c| {
-                    Counter::spawn(c, expecting.clone(), started + sizes.duration + DRAIN, None)
+                    Counter::spawn(
+                        c,
+                        expecting.clone(),
+                        started + sizes.duration + DRAIN,
+                        None,
+                        false,
+                    )
                 })
                 .collect();
             let cpu_before = cpu(systems, kind);
@@ -497,7 +576,8 @@ pub async fn many_topics(
                 let subscribed = started.elapsed();
                 let mut publisher = systems.publisher(kind).await?;
                 let (_expected, expecting) = watch::channel(count);
-                let counter = Counter::spawn(consumer, expecting, Instant::now() + DRAIN * 3, None);
+                let counter =
+                    Counter::spawn(consumer, expecting, Instant::now() + DRAIN * 3, None, false);
                 let cpu_before = cpu(systems, kind);
                 let publish_start = Instant::now();
                 let body = payload(100);
@@ -616,7 +696,13 @@ pub async fn filters(systems: &Systems, sizes: &Sizes, results: &mut Results) ->
             };
             // Find out how many deliveries one event makes.
             let (expected, expecting) = watch::channel(u64::MAX);
-            let counter = Counter::spawn(consumer, expecting.clone(), Instant::now() + DRAIN, None);
+            let counter = Counter::spawn(
+                consumer,
+                expecting.clone(),
+                Instant::now() + DRAIN,
+                None,
+                false,
+            );
             let cpu_before = cpu(systems, kind);
             let started = Instant::now();
             publisher.publish_records(vec![event(0)]).await?;

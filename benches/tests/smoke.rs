@@ -196,9 +196,12 @@ fn every_scenario_runs_against_every_system() {
             .port()
             .to_string()
     };
+    let traces = out.path().join("traces");
     let status = Command::new(bench)
         .args(["run", "--smoke", "--out"])
         .arg(out.path())
+        .arg("--latency-trace")
+        .arg(&traces)
         .env("SWITCHYARD_BIN", &switchyard)
         .env("NATS_PORT", free_port())
         .env("REDIS_PORT", free_port())
@@ -268,5 +271,21 @@ fn every_scenario_runs_against_every_system() {
         "restart.svg",
     ] {
         assert!(out.path().join(file).is_file(), "{file} missing");
+    }
+    // Every latency repetition left its batches, in the order they arrived.
+    for system in ["switchyard", "nats", "redis-streams"] {
+        for load in [10, 50, 80] {
+            let path = traces.join(format!("latency-{system}-{load}-1.tsv"));
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut lines = text.lines();
+            assert!(lines.next().unwrap().starts_with("# warm-up"), "{text}");
+            assert_eq!(lines.next(), Some("arrived_us\trecords\tmax_latency_us"));
+            let batches: Vec<Vec<u64>> = lines
+                .map(|line| line.split('\t').map(|v| v.parse().unwrap()).collect())
+                .collect();
+            assert!(!batches.is_empty(), "{}", path.display());
+            assert!(batches.windows(2).all(|w| w[0][0] <= w[1][0]), "{text}");
+            assert!(batches.iter().all(|b| b.len() == 3 && b[1] > 0), "{text}");
+        }
     }
 }
