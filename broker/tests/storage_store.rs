@@ -433,7 +433,8 @@ fn retention_by_size_drops_old_segments_and_expires_topics() {
             .append(vec![record("guild.1", vec![i as u8; 500])], Ack::Written)
             .unwrap();
     }
-    assert!(store.enforce_retention().unwrap() > 0);
+    // Retention also runs on its own every second: it may have dropped some already.
+    store.enforce_retention().unwrap();
     assert!(store.disk_bytes() <= 4 * (64 << 10));
     assert_eq!(store.stats().segment_bytes, store.disk_bytes());
     let stats = store.stats();

@@ -368,16 +368,17 @@ impl SegmentLog {
         let base = self.end();
         let spare = match std::mem::replace(&mut self.spare, SpareState::Unwanted) {
             SpareState::Ready(spare) => Some(spare),
+            // A second roll before the sync thread was asked for the spare (in one
+            // command group): the new segment takes the bytes counted for it.
+            SpareState::Wanted => None,
             other => {
                 self.spare = other;
+                self.budget.reserve(self.segment_bytes)?;
+                self.disk_bytes += self.segment_bytes;
                 None
             }
         };
         let from_spare = spare.is_some();
-        if spare.is_none() {
-            self.budget.reserve(self.segment_bytes)?;
-            self.disk_bytes += self.segment_bytes;
-        }
         let created = match (spare, self.segments.is_empty()) {
             (Some(spare), _) => {
                 Segment::from_spare(spare, &self.dir, self.shard, base, self.generation)

@@ -1190,14 +1190,10 @@ mod tests {
             max_age: None,
         };
         let options = ShardOptions::from_config(&config, 0);
-        let mut shard = Shard::open(
-            dir.path(),
-            options,
-            Arc::new(DiskBudget::new(None)),
-            Arc::default(),
-        )
-        .unwrap()
-        .0;
+        let budget = Arc::new(DiskBudget::new(None));
+        let mut shard = Shard::open(dir.path(), options, budget.clone(), Arc::default())
+            .unwrap()
+            .0;
         let shard_dir = shard.dir().to_owned();
         let mut rolls = 0;
         for i in 0..1000u32 {
@@ -1228,6 +1224,43 @@ mod tests {
         assert!(rolls > 5, "{rolls}");
         shard.discard_spare();
         assert_eq!(bytes_on_disk(&shard_dir), shard.log.disk_bytes());
+    }
+
+    #[test]
+    fn a_second_roll_before_the_spare_is_asked_for_takes_the_bytes_counted_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::new(dir.path());
+        config.segment_bytes = 64 << 10;
+        config.max_batch_bytes = 32 << 10;
+        let options = ShardOptions::from_config(&config, 0);
+        // Room for three segment files: the first, the first roll's, and its spare.
+        let budget = Arc::new(DiskBudget::new(Some(3 * (64 << 10))));
+        let mut shard = Shard::open(dir.path(), options, budget.clone(), Arc::default())
+            .unwrap()
+            .0;
+        let shard_dir = shard.dir().to_owned();
+        // Two rolls in one command group: the sync thread is not asked in between.
+        let mut rolls = 0;
+        for i in 0..1000u32 {
+            let appended = shard.append(&[NewRecord::new("guild.1", vec![i as u8; 500])], 1);
+            assert!(
+                appended.is_ok(),
+                "append {i} after {rolls} rolls: {appended:?}"
+            );
+            for roll in shard.take_rolls() {
+                let (base, freed) = (roll.base(), roll.freed());
+                shard.sealed(base, freed, roll.run());
+                rolls += 1;
+            }
+            if rolls == 2 {
+                break;
+            }
+        }
+        assert_eq!(rolls, 2);
+        // The budget had no room for another spare.
+        assert!(shard.spare_job().is_none());
+        assert_eq!(bytes_on_disk(&shard_dir), shard.log.disk_bytes());
+        assert_eq!(budget.used(), shard.log.disk_bytes());
     }
 
     #[test]

@@ -708,13 +708,17 @@ mod tests {
     /// A shard thread with 64 KiB segments whose rolls wait for the returned hold,
     /// after 100 written appends of 1 KiB: about 60 fill a segment, so one roll
     /// is held, and the appends after it were answered meanwhile.
-    fn rolled_and_held(dir: &Path) -> (crossbeam_channel::Sender<Command>, Arc<SyncHold>) {
+    fn rolled_and_held(
+        dir: &Path,
+        budget: &Arc<DiskBudget>,
+    ) -> (crossbeam_channel::Sender<Command>, Arc<SyncHold>) {
         let mut config = StoreConfig::new(dir);
         config.segment_bytes = 64 << 10;
         config.max_batch_bytes = 32 << 10;
         let options = ShardOptions::from_config(&config, 0);
-        let budget = Arc::new(DiskBudget::new(None));
-        let mut shard = Shard::open(dir, options, budget, Arc::default()).unwrap().0;
+        let mut shard = Shard::open(dir, options, budget.clone(), Arc::default())
+            .unwrap()
+            .0;
         let hold = Arc::new(SyncHold::default());
         shard.hold_rolls(hold.clone());
         let (sender, receiver) = crossbeam_channel::bounded(16);
@@ -731,7 +735,7 @@ mod tests {
     #[test]
     fn a_roll_runs_off_the_shard_thread_and_durable_appends_after_it_wait_for_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (shard, hold) = rolled_and_held(dir.path());
+        let (shard, hold) = rolled_and_held(dir.path(), &Arc::new(DiskBudget::new(None)));
         let mut durable = append(&shard, "after the roll", Ack::Durable);
         std::thread::sleep(Duration::from_millis(50));
         assert!(
@@ -746,10 +750,25 @@ mod tests {
     #[test]
     fn a_failed_roll_stops_the_shard_and_refuses_what_waits_for_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (shard, hold) = rolled_and_held(dir.path());
+        let budget = Arc::new(DiskBudget::new(None));
+        let (shard, hold) = rolled_and_held(dir.path(), &budget);
         let durable = append(&shard, "after the roll", Ack::Durable);
         std::thread::sleep(Duration::from_millis(50));
         hold.release(true);
         refused_for_a_failed_sync(&shard, &hold, [durable]);
+        // The stopped shard keeps no spare, and counts just the files it left
+        // (the failed roll's segment uncut).
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap())
+            .collect();
+        assert!(
+            files
+                .iter()
+                .all(|f| !f.file_name().to_string_lossy().ends_with(".tmp")),
+            "{files:?}"
+        );
+        let on_disk: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+        assert_eq!(budget.used(), on_disk);
     }
 }
