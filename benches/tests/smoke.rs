@@ -272,11 +272,20 @@ fn every_scenario_runs_against_every_system() {
     ] {
         assert!(out.path().join(file).is_file(), "{file} missing");
     }
-    // Every latency repetition left its batches, in the order they arrived.
-    for system in ["switchyard", "nats", "redis-streams"] {
+    // Every latency repetition left its batches; no record's latency exceeds its
+    // arrival time (both count from the run's start, so its send stamp was read).
+    for system in [
+        "switchyard",
+        "switchyard-durable",
+        "nats",
+        "jetstream",
+        "redis-pubsub",
+        "redis-streams",
+    ] {
         for load in [10, 50, 80] {
             let path = traces.join(format!("latency-{system}-{load}-1.tsv"));
-            let text = std::fs::read_to_string(&path).unwrap();
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let mut lines = text.lines();
             assert!(lines.next().unwrap().starts_with("# warm-up"), "{text}");
             assert_eq!(lines.next(), Some("arrived_us\trecords\tmax_latency_us"));
@@ -285,7 +294,12 @@ fn every_scenario_runs_against_every_system() {
                 .collect();
             assert!(!batches.is_empty(), "{}", path.display());
             assert!(batches.windows(2).all(|w| w[0][0] <= w[1][0]), "{text}");
-            assert!(batches.iter().all(|b| b.len() == 3 && b[1] > 0), "{text}");
+            assert!(
+                batches
+                    .iter()
+                    .all(|b| b.len() == 3 && b[1] > 0 && b[2] <= b[0]),
+                "{text}"
+            );
         }
     }
 }
