@@ -9,6 +9,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// Every system a run measures.
+const SYSTEMS: [&str; 6] = [
+    "switchyard",
+    "switchyard-durable",
+    "nats",
+    "jetstream",
+    "redis-pubsub",
+    "redis-streams",
+];
+
 /// The bench binary and the switchyard binary beside it.
 fn binaries() -> (&'static Path, PathBuf) {
     let bench = Path::new(env!("CARGO_BIN_EXE_switchyard-bench"));
@@ -223,14 +233,7 @@ fn every_scenario_runs_against_every_system() {
                     .is_some_and(|v| v.is_finite() && v > 0.0)
         })
     };
-    for system in [
-        "switchyard",
-        "switchyard-durable",
-        "nats",
-        "jetstream",
-        "redis-pubsub",
-        "redis-streams",
-    ] {
+    for system in SYSTEMS {
         assert!(
             has("throughput", system, "records_per_s"),
             "throughput {system}"
@@ -274,14 +277,7 @@ fn every_scenario_runs_against_every_system() {
     }
     // Every latency repetition left its batches; no record's latency exceeds its
     // arrival time (both count from the run's start, so its send stamp was read).
-    for system in [
-        "switchyard",
-        "switchyard-durable",
-        "nats",
-        "jetstream",
-        "redis-pubsub",
-        "redis-streams",
-    ] {
+    for system in SYSTEMS {
         for load in [10, 50, 80] {
             let path = traces.join(format!("latency-{system}-{load}-1.tsv"));
             let text = std::fs::read_to_string(&path)

@@ -1170,6 +1170,18 @@ mod tests {
         }
     }
 
+    /// A shard of 64 KiB segments.
+    fn open_small(dir: &Path, retention: Retention, budget: &Arc<DiskBudget>) -> Shard {
+        let mut config = StoreConfig::new(dir);
+        config.segment_bytes = 64 << 10;
+        config.max_batch_bytes = 32 << 10;
+        config.retention = retention;
+        let options = ShardOptions::from_config(&config, 0);
+        Shard::open(dir, options, budget.clone(), Arc::default())
+            .unwrap()
+            .0
+    }
+
     /// Bytes of the files in the shard's directory.
     fn bytes_on_disk(dir: &Path) -> u64 {
         std::fs::read_dir(dir)
@@ -1182,18 +1194,11 @@ mod tests {
     fn a_spare_counts_from_the_roll_that_wants_it_so_retention_just_after_leaves_room() {
         let dir = tempfile::tempdir().unwrap();
         let max = 4 * (64 << 10);
-        let mut config = StoreConfig::new(dir.path());
-        config.segment_bytes = 64 << 10;
-        config.max_batch_bytes = 32 << 10;
-        config.retention = Retention {
+        let retention = Retention {
             max_bytes: Some(max),
             max_age: None,
         };
-        let options = ShardOptions::from_config(&config, 0);
-        let budget = Arc::new(DiskBudget::new(None));
-        let mut shard = Shard::open(dir.path(), options, budget.clone(), Arc::default())
-            .unwrap()
-            .0;
+        let mut shard = open_small(dir.path(), retention, &Arc::new(DiskBudget::new(None)));
         let shard_dir = shard.dir().to_owned();
         let mut rolls = 0;
         for i in 0..1000u32 {
@@ -1229,15 +1234,10 @@ mod tests {
     #[test]
     fn a_second_roll_before_the_spare_is_asked_for_takes_the_bytes_counted_for_it() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = StoreConfig::new(dir.path());
-        config.segment_bytes = 64 << 10;
-        config.max_batch_bytes = 32 << 10;
-        let options = ShardOptions::from_config(&config, 0);
         // Room for three segment files: the first, the first roll's, and its spare.
         let budget = Arc::new(DiskBudget::new(Some(3 * (64 << 10))));
-        let mut shard = Shard::open(dir.path(), options, budget.clone(), Arc::default())
-            .unwrap()
-            .0;
+        let retention = StoreConfig::new(dir.path()).retention;
+        let mut shard = open_small(dir.path(), retention, &budget);
         let shard_dir = shard.dir().to_owned();
         // Two rolls in one command group: the sync thread is not asked in between.
         let mut rolls = 0;
