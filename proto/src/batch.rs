@@ -104,6 +104,10 @@ pub struct DeliveryFields<'a, H> {
 pub struct DeliveryWriter {
     buf: BytesMut,
     count: usize,
+    /// Bytes of the last batch finished: the next batch's first delivery reserves
+    /// that much, so a batch grows its buffer once instead of doubling its way up
+    /// (each step a copy, and often fresh memory the kernel zeroes).
+    last_len: usize,
 }
 
 // Field keys: (field number << 3) | wire type (0 varint, 2 length-delimited).
@@ -157,6 +161,11 @@ impl DeliveryWriter {
             + headers_len
             + bytes_field_len(delivery.payload.len())
             + bytes_field_len(ids_len);
+        if self.count == 0 {
+            // Reserved when the batch starts, not when the last one finished: by
+            // now the last batch may be sent and its buffer free to take back.
+            self.buf.reserve(self.last_len);
+        }
         let mut out = Out::append(&mut self.buf, BATCH_DELIVERY, len);
         out.bytes_field(TOPIC, delivery.topic.as_bytes());
         out.varint_field(OFFSET, delivery.offset);
@@ -198,6 +207,7 @@ impl DeliveryWriter {
     /// [`DeliveryWriter::KEPT_CAPACITY`], so that an idle writer holds little).
     pub fn finish(&mut self) -> DeliveryBatch {
         self.count = 0;
+        self.last_len = self.buf.len();
         let encoded = if self.buf.capacity() > Self::KEPT_CAPACITY {
             std::mem::take(&mut self.buf).freeze()
         } else {
@@ -300,6 +310,27 @@ pub(crate) mod tests {
         drop(first);
         let decoded = DeliveryBatch::decode(second.encode_to_vec().as_slice()).unwrap();
         assert_eq!(decoded.deliveries, vec![delivery(2)]);
+    }
+
+    #[test]
+    fn a_batch_starts_with_room_for_as_much_as_the_last_one() {
+        let mut writer = DeliveryWriter::new();
+        for seed in 1..60 {
+            writer.push_delivery(&delivery(seed));
+        }
+        let last = writer.encoded_len();
+        // While the last batch is still being sent.
+        let held = writer.finish();
+        writer.push_delivery(&delivery(1));
+        assert!(
+            writer.buf.capacity() >= last,
+            "{} < {last}",
+            writer.buf.capacity()
+        );
+        drop(held);
+        writer.push_delivery(&delivery(2));
+        let decoded = DeliveryBatch::decode(writer.finish().encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.deliveries, vec![delivery(1), delivery(2)]);
     }
 
     #[test]
