@@ -122,7 +122,12 @@ impl prost::Message for PublishRequest {
                 if let Some(runs) = read.want_position_runs {
                     self.want_position_runs = runs;
                 }
-                self.records.extend(read.records);
+                if self.records.is_empty() {
+                    // The usual case: take the list rather than copy it over.
+                    self.records = read.records;
+                } else {
+                    self.records.extend(read.records);
+                }
                 Ok(())
             }
             Err(_) => {
@@ -167,6 +172,10 @@ struct ReadRequest {
     want_position_runs: Option<bool>,
 }
 
+/// Records [`read_request`] makes room for at once: the broker's default limit per
+/// request (`max_batch_records`); larger requests grow the list as they are read.
+const MAX_RECORDS_RESERVED: usize = 10_000;
+
 fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
     let mut input = In::new(message);
     let mut read = ReadRequest {
@@ -185,6 +194,13 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
             2 => {
                 In::expect(wire_type, LEN)?;
                 let record = input.len_delimited()?;
+                if read.records.is_empty() {
+                    // Records of one request are mostly alike: room for as many as
+                    // the message holds of the first one's size, up to a cap.
+                    let each = record.len() + 3;
+                    read.records
+                        .reserve((message.len() / each).min(MAX_RECORDS_RESERVED));
+                }
                 read.records.push(read_record(message, &input, record)?);
             }
             3 => {
