@@ -1264,6 +1264,63 @@ mod tests {
     }
 
     #[test]
+    fn a_newest_segment_an_earlier_version_filled_exactly_is_synced_before_it_rolls() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = StoreConfig::new(dir.path()).retention;
+        let budget = Arc::new(DiskBudget::new(None));
+        let mut shard = open_small(dir.path(), retention, &budget);
+        for i in 0..20u8 {
+            shard
+                .append(&[NewRecord::new("guild.1", vec![i; 500])], 1)
+                .unwrap();
+        }
+        assert!(shard.take_rolls().is_empty());
+        shard.sync().unwrap();
+        let newest = shard.log.segments().last().unwrap();
+        let (path, len) = (newest.path().to_owned(), newest.len());
+        drop(shard);
+        // Earlier versions could fill a segment to its last byte: its file is exactly
+        // as long as its data, as a sealed segment's is.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len as u64)
+            .unwrap();
+
+        let mut shard = open_small(dir.path(), retention, &budget);
+        let full = shard.log.segments().last().unwrap();
+        assert_eq!((full.len(), full.remaining()), (len, 0));
+        // Recovery does not know the data it found to be on disk.
+        assert!(full.is_dirty());
+        shard
+            .append(&[NewRecord::new("guild.1", vec![20; 500])], 1)
+            .unwrap();
+        // The roll put a segment after it, so it now looks sealed: its data was
+        // synced first, on this thread, not left for the roll's seal.
+        let segments = shard.log.segments();
+        assert_eq!(segments.len(), 2);
+        assert_eq!(segments[1].base(), segments[0].end());
+        assert!(!segments[0].is_dirty());
+        let rolls = shard.take_rolls();
+        assert_eq!(rolls.len(), 1);
+        for roll in rolls {
+            let (base, freed) = (roll.base(), roll.freed());
+            assert_eq!(freed, 0, "a full segment has nothing to cut");
+            shard.sealed(base, freed, roll.run());
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len as u64);
+        shard.sync().unwrap();
+        drop(shard);
+
+        // Reopened, the full segment is read as sealed and every record is there.
+        let shard = open_small(dir.path(), retention, &budget);
+        let read = shard.read("guild.1", 0, ReadLimits::default()).unwrap();
+        let firsts: Vec<u8> = read.records.iter().map(|r| r.payload[0]).collect();
+        assert_eq!(firsts, (0..21).collect::<Vec<u8>>());
+    }
+
+    #[test]
     fn a_failed_write_refuses_its_batch_stops_the_shard_and_never_reaches_the_disk() {
         let dir = tempfile::tempdir().unwrap();
         let mut shard = open(dir.path());
