@@ -19,7 +19,7 @@ use std::fmt;
 
 use prost::DecodeError;
 use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost::encoding::{self, DecodeContext, WireType};
+use prost::encoding::{self, DecodeContext, WireType, encoded_len_varint};
 
 use crate::read::read_header;
 use crate::v1::{AckLevel, Header, PublishRecord};
@@ -197,7 +197,7 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
                 if read.records.is_empty() {
                     // Records of one request are mostly alike: room for as many as
                     // the message holds of the first one's size, up to a cap.
-                    let each = record.len() + 3;
+                    let each = 1 + encoded_len_varint(record.len() as u64) + record.len();
                     read.records
                         .reserve((message.len() / each).min(MAX_RECORDS_RESERVED));
                 }
@@ -214,6 +214,11 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
             }
             _ => input.skip(field, wire_type)?,
         }
+    }
+    // Records unlike the first may leave much of the room unused, and the list
+    // lives as long as the batch does (slow subscribers hold it).
+    if read.records.capacity() > read.records.len() + read.records.len() / 8 {
+        read.records.shrink_to_fit();
     }
     Ok(read)
 }
@@ -602,5 +607,42 @@ mod tests {
         assert_eq!(decoded.records.len(), 1);
         assert_eq!(decoded.records[0].topic, "guild.2");
         assert_eq!(&decoded.records[0].payload[..], b"second");
+    }
+
+    #[test]
+    fn the_record_list_is_sized_to_the_records_read() {
+        let request = |records: Vec<PublishRecord>| {
+            Bytes::from(
+                PublishRequest {
+                    records,
+                    ..PublishRequest::default()
+                }
+                .encode_to_vec(),
+            )
+        };
+        let alike = |n: usize, size: usize| -> Vec<PublishRecord> {
+            (0..n)
+                .map(|_| PublishRecord {
+                    topic: "guild.1".into(),
+                    headers: Vec::new(),
+                    payload: Bytes::from(vec![b'x'; size]),
+                })
+                .collect()
+        };
+        // Alike records (short and long lengths): room for exactly them, at once.
+        for size in [10, 300] {
+            let read = read_request(&request(alike(1000, size))).unwrap();
+            assert_eq!((read.records.len(), read.records.capacity()), (1000, 1000));
+        }
+        // A tiny first record: the list keeps no room the others did not take.
+        let mut mixed = alike(1, 0);
+        mixed.extend(alike(100, 1000));
+        let read = read_request(&request(mixed)).unwrap();
+        assert_eq!(read.records.len(), 101);
+        assert!(
+            read.records.capacity() <= 101 + 101 / 8,
+            "{}",
+            read.records.capacity()
+        );
     }
 }
