@@ -19,7 +19,7 @@ use std::fmt;
 
 use prost::DecodeError;
 use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost::encoding::{self, DecodeContext, WireType, encoded_len_varint};
+use prost::encoding::{self, DecodeContext, WireType};
 
 use crate::read::read_header;
 use crate::v1::{AckLevel, Header, PublishRecord};
@@ -197,7 +197,7 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
                 if read.records.is_empty() {
                     // Records of one request are mostly alike: room for as many as
                     // the message holds of the first one's size, up to a cap.
-                    let each = 1 + encoded_len_varint(record.len() as u64) + record.len();
+                    let each = message_field_len(record.len());
                     read.records
                         .reserve((message.len() / each).min(MAX_RECORDS_RESERVED));
                 }
