@@ -188,6 +188,9 @@ struct SubscriberStream {
     /// the hub bytes they release.
     batch: pb::DeliveryWriter,
     released: usize,
+    /// The live subscriptions a record goes to, kept from record to record (a
+    /// list per record was an allocation and a free per delivery).
+    live_ids: Vec<u64>,
 }
 
 impl Drop for SubscriberStream {
@@ -240,6 +243,7 @@ pub async fn serve(
         stopping: stopping.clone(),
         batch: pb::DeliveryWriter::new(),
         released: 0,
+        live_ids: Vec::new(),
     };
     let mut stop = stopping;
     let mut inbound_open = true;
@@ -646,7 +650,8 @@ impl SubscriberStream {
 
     fn live_record(&mut self, batch: &LiveBatch, item: &LiveItem) -> Result<(), End> {
         let record = RecordView::live(batch, item.index as usize);
-        let mut live_ids = Vec::with_capacity(item.subscribers.len());
+        let mut live_ids = std::mem::take(&mut self.live_ids);
+        live_ids.clear();
         let mut verdicts = Verdicts::default();
         // The filtered subscriptions' verdicts, in order, judged together (one call
         // into Lua per filter) before the record is handed out.
@@ -692,6 +697,7 @@ impl SubscriberStream {
         if !live_ids.is_empty() {
             self.batch.push(record.fields(&live_ids));
         }
+        self.live_ids = live_ids;
         Ok(())
     }
 
