@@ -19,6 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".switchyard.v1.PublishRequest",
             "crate::publish::PublishRequest",
         )
+        .extern_path(
+            ".switchyard.v1.PublishRecord",
+            "crate::publish::PublishRecord",
+        )
         .compile_protos(&["switchyard/v1/broker.proto"], &["."])?;
     Ok(())
 }

@@ -25,7 +25,9 @@ mod publish;
 mod read;
 mod wire;
 pub use batch::{DeliveryBatch, DeliveryFields, DeliveryWriter};
-pub use publish::{EncodedPublishRequest, PublishRecords, PublishRequest, PublishWriter};
+pub use publish::{
+    EncodedPublishRequest, PublishRecord, PublishRecords, PublishRequest, PublishWriter,
+};
 pub use read::{ReceivedDelivery, SubscriptionIds, Topic, read_deliveries, read_deliveries_as};
 pub use wire::WireError;
 

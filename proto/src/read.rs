@@ -43,7 +43,7 @@ impl Topic {
 }
 
 impl Topic {
-    fn as_bytes(&self) -> &[u8] {
+    pub fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 }
@@ -323,15 +323,16 @@ pub fn read_deliveries_as<T>(
     Ok(deliveries)
 }
 
-/// The topic of the delivery before. A batch's deliveries mostly share a topic
-/// (a guild's events in a row), and each run of them shares one small copy of the
-/// name: a topic kept by the application does not keep the whole response alive,
-/// and a name is checked for UTF-8 once per run.
+/// The topic of the delivery (or publish record) before. A batch's records mostly
+/// share a topic (a guild's events in a row), and each run of them shares one small
+/// copy of the name: a topic kept by the application (or in the broker's live tail)
+/// does not keep the whole message alive, and a name is checked for UTF-8 once per
+/// run.
 #[derive(Default)]
-struct TopicCache(Option<Topic>);
+pub(crate) struct TopicCache(Option<Topic>);
 
 impl TopicCache {
-    fn get(&mut self, name: &[u8]) -> Result<Topic, WireError> {
+    pub(crate) fn get(&mut self, name: &[u8]) -> Result<Topic, WireError> {
         if let Some(topic) = &self.0
             && topic.as_bytes() == name
         {

@@ -334,9 +334,11 @@ impl AppendObserver for SubscriptionHub {
         // The topic of the previous record and the slots of its followers.
         let mut run: Option<(&str, Vec<(usize, Subscribers)>)> = None;
         for (index, record) in batch.records.iter().enumerate() {
-            let same_topic = run.as_ref().is_some_and(|(t, _)| *t == record.topic);
+            let same_topic = run
+                .as_ref()
+                .is_some_and(|(t, _)| *t == record.topic.as_str());
             if !same_topic {
-                let Some(list) = topics.get_mut(&record.topic) else {
+                let Some(list) = topics.get_mut(record.topic.as_str()) else {
                     run = None;
                     continue;
                 };

@@ -22,6 +22,10 @@
 
 use bytes::Bytes;
 
+/// A topic name that is cheap to clone: the records of one topic in a publish
+/// request share one copy, from the wire to the live tail. Reads as a `&str`.
+pub use switchyard_proto::Topic;
+
 /// Magic byte of a version-1 record frame.
 pub const RECORD_MAGIC: u8 = 0xA1;
 /// Size of the fixed part of a frame.
@@ -60,14 +64,14 @@ impl Header {
 /// assigned on append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewRecord {
-    pub topic: String,
+    pub topic: Topic,
     pub headers: Vec<Header>,
     /// Opaque bytes (JSON from the chat API), stored and returned untouched.
     pub payload: Bytes,
 }
 
 impl NewRecord {
-    pub fn new(topic: impl Into<String>, payload: impl Into<Bytes>) -> Self {
+    pub fn new(topic: impl Into<Topic>, payload: impl Into<Bytes>) -> Self {
         NewRecord {
             topic: topic.into(),
             headers: Vec::new(),

@@ -1015,7 +1015,7 @@ pub fn check_batch(
     for record in records {
         if checked != Some(record.topic.as_str()) {
             validate_topic_name(&record.topic).map_err(|source| AppendError::InvalidTopic {
-                topic: record.topic.clone(),
+                topic: record.topic.to_string(),
                 source,
             })?;
             checked = Some(&record.topic);
@@ -1028,7 +1028,7 @@ pub fn check_batch(
         )) as u64;
         if size > max_record_bytes {
             return Err(AppendError::RecordTooLarge {
-                topic: record.topic.clone(),
+                topic: record.topic.to_string(),
                 size,
                 max: max_record_bytes,
             });
@@ -1047,7 +1047,7 @@ pub fn check_batch(
 fn validate_headers(record: &NewRecord) -> Result<(), AppendError> {
     let invalid = |reason: String| {
         Err(AppendError::InvalidHeader {
-            topic: record.topic.clone(),
+            topic: record.topic.to_string(),
             reason,
         })
     };
