@@ -22,8 +22,9 @@
 
 use bytes::Bytes;
 
-/// A topic name that is cheap to clone: the records of one topic in a publish
-/// request share one copy, from the wire to the live tail. Reads as a `&str`.
+/// A topic name that is cheap to clone (held inline, or if long shared by the
+/// records of one topic in a publish request), from the wire to the live tail.
+/// Reads as a `&str`.
 pub use switchyard_proto::Topic;
 
 /// Magic byte of a version-1 record frame.
