@@ -671,7 +671,7 @@ impl SubscriberStream {
         );
         let mut allowed = allowed.into_iter();
         for &(id, generation) in item.subscribers.iter() {
-            let Some(subscription) = self.subscriptions.get(&id) else {
+            let Some(subscription) = self.subscriptions.get_mut(&id) else {
                 continue;
             };
             if subscription.generation != generation {
@@ -680,7 +680,6 @@ impl SubscriberStream {
             if subscription.filter.is_some() && !allowed.next().unwrap_or(false) {
                 continue;
             }
-            let subscription = self.subscriptions.get_mut(&id).expect("looked up above");
             match &mut subscription.replaying {
                 Some(Replay { held, .. }) => {
                     let copy = record.to_delivery(vec![id]);
