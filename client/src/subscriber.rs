@@ -44,8 +44,9 @@ pub enum Start {
 }
 
 /// A delivered record. Its payload shares the buffer the broker's response arrived
-/// in (no copy; keeping it keeps that buffer); its topic is one copy shared by the
-/// response's run of deliveries of that topic; its subscription ids are held inline.
+/// in (no copy; keeping it keeps that buffer); its topic is held inline (a name
+/// longer than 38 bytes is one copy shared by the response's run of deliveries of
+/// that topic); its subscription ids are held inline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     pub topic: Topic,

@@ -170,7 +170,8 @@ impl prost::Message for PublishRequest {
 /// allocation, a copy and, in the broker, a free on another thread.
 #[derive(Clone, PartialEq, Eq, Default, Debug)]
 pub struct PublishRecord {
-    /// Topic name: 1 to 255 bytes of ASCII letters, digits and `.` `_` `-` `:`.
+    /// Topic name: 1 to 255 bytes of ASCII letters, digits and `.` `_` `-` `:`, with
+    /// no empty dot-separated segment. Created by first use.
     pub topic: Topic,
     /// At most 32 headers.
     pub headers: Vec<Header>,
@@ -206,11 +207,12 @@ impl prost::Message for PublishRecord {
         };
         match tag {
             1 => {
-                // Read as prost reads a string (and fails as it fails), then kept.
+                // Read as prost reads a string: it fails as prost fails, and
+                // leaves the field empty then, as prost does.
                 let mut topic = String::new();
-                encoding::string::merge(wire_type, &mut topic, buf, ctx).map_err(field("topic"))?;
+                let read = encoding::string::merge(wire_type, &mut topic, buf, ctx);
                 self.topic = Topic::from(topic);
-                Ok(())
+                read.map_err(field("topic"))
             }
             2 => encoding::message::merge_repeated(wire_type, &mut self.headers, buf, ctx)
                 .map_err(field("headers")),
@@ -510,6 +512,10 @@ mod tests {
             key: "type".into(),
             value: String::new(),
         });
+        // Names held inline and shared ones, one with a two-byte length.
+        records[5].topic = LONG_1.into();
+        records[6].topic = LONG_1.into();
+        records[7].topic = "g".repeat(200).into();
         for (request_id, ack, want_position_runs) in [
             (0, AckLevel::Unspecified, false),
             (1, AckLevel::Written, true),

@@ -36,6 +36,8 @@ const INLINE_TOPIC_BYTES: usize = 38;
 #[derive(Clone)]
 pub struct Topic(Repr);
 
+const _: () = assert!(std::mem::size_of::<Topic>() == 40);
+
 #[derive(Clone)]
 enum Repr {
     Inline {
