@@ -87,13 +87,7 @@ impl prost::Message for PublishRequest {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
-        // Errors name the field, as in generated code.
-        let field = |name| {
-            move |mut error: DecodeError| {
-                error.push("PublishRequest", name);
-                error
-            }
-        };
+        let field = |name| in_field("PublishRequest", name);
         match tag {
             1 => encoding::uint64::merge(wire_type, &mut self.request_id, buf, ctx)
                 .map_err(field("request_id")),
@@ -164,6 +158,14 @@ impl prost::Message for PublishRequest {
     }
 }
 
+/// Makes a decoding error name the field it happened in, as generated code does.
+fn in_field(message: &'static str, field: &'static str) -> impl FnOnce(DecodeError) -> DecodeError {
+    move |mut error| {
+        error.push(message, field);
+        error
+    }
+}
+
 /// One record to append (`switchyard.v1.PublishRecord`). Written by hand for its
 /// topic: a [`Topic`] holds a usual name inline (a long one is one copy shared by
 /// each run of records of that topic), where a `String` per record was an
@@ -199,12 +201,7 @@ impl prost::Message for PublishRecord {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
-        let field = |name| {
-            move |mut error: DecodeError| {
-                error.push("PublishRecord", name);
-                error
-            }
-        };
+        let field = |name| in_field("PublishRecord", name);
         match tag {
             1 => {
                 // Read as prost reads a string: it fails as prost fails, and
