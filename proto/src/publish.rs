@@ -294,7 +294,9 @@ fn read_request(message: &Bytes) -> Result<ReadRequest, WireError> {
 
 /// Reads the `PublishRecord` at `range` of `parent` (which covers all of
 /// `message`); the payload is a slice of `message`, the topic shared with the
-/// records before of the same topic.
+/// records before of the same topic. As in `read_delivery`, the fields are read
+/// into locals and the record is made once, in the caller's push.
+#[inline(always)]
 fn read_record(
     message: &Bytes,
     parent: &In<'_>,
@@ -303,21 +305,26 @@ fn read_record(
 ) -> Result<PublishRecord, WireError> {
     let base = range.start;
     let mut input = parent.nested(range);
-    let mut record = PublishRecord::default();
+    let mut topic = None;
+    let mut headers = Vec::new();
     let mut payload = 0..0;
     while !input.is_done() {
         let (field, wire_type) = input.key()?;
         match field {
             1 => {
                 In::expect(wire_type, LEN)?;
-                let topic = input.len_delimited()?;
-                record.topic = topics.get(input.slice(topic))?;
+                // Every occurrence is checked, as prost checks it; the last counts
+                // (and is checked when it is made a topic, below).
+                if let Some(earlier) = topic.replace(input.len_delimited()?) {
+                    std::str::from_utf8(input.slice(earlier))
+                        .map_err(|_| WireError("topic is not UTF-8"))?;
+                }
             }
             2 => {
                 In::expect(wire_type, LEN)?;
                 let header = input.len_delimited()?;
                 let (key, value) = read_header(input.nested(header))?;
-                record.headers.push(Header { key, value });
+                headers.push(Header { key, value });
             }
             3 => {
                 In::expect(wire_type, LEN)?;
@@ -326,10 +333,18 @@ fn read_record(
             _ => input.skip(field, wire_type)?,
         }
     }
-    if !payload.is_empty() {
-        record.payload = message.slice(base + payload.start..base + payload.end);
-    }
-    Ok(record)
+    Ok(PublishRecord {
+        topic: match topic {
+            Some(name) => topics.get(input.slice(name))?,
+            None => Topic::default(),
+        },
+        headers,
+        payload: if payload.is_empty() {
+            Bytes::new()
+        } else {
+            message.slice(base + payload.start..base + payload.end)
+        },
+    })
 }
 
 // Field keys: (field number << 3) | wire type (0 varint, 2 length-delimited).

@@ -374,6 +374,7 @@ pub fn read_deliveries_as<T>(
 pub(crate) struct TopicCache(Option<Topic>);
 
 impl TopicCache {
+    #[inline]
     pub(crate) fn get(&mut self, name: &[u8]) -> Result<Topic, WireError> {
         if let Some(topic) = &self.0
             && topic.as_bytes() == name
@@ -414,7 +415,11 @@ fn read_batch<T>(
 }
 
 /// Reads the `Delivery` at `range` of `parent`, which starts at byte `base` of
-/// `message`.
+/// `message`. The fields are read into locals and the delivery is made once at the
+/// end, inlined into the caller's push: filling a default delivery field by field
+/// and moving it into the vector cost a third of the read (stores read back before
+/// they had landed), measured with `cargo bench -p switchyard-proto --bench wire`.
+#[inline(always)]
 fn read_delivery(
     message: &Bytes,
     parent: &In<'_>,
@@ -424,33 +429,39 @@ fn read_delivery(
 ) -> Result<ReceivedDelivery, WireError> {
     let base = base + range.start;
     let mut input = parent.nested(range);
-    let mut delivery = ReceivedDelivery::default();
+    let mut topic = None;
+    let (mut offset, mut epoch, mut timestamp_ms) = (0, 0, 0);
+    let mut headers = Vec::new();
     let mut payload = 0..0;
+    let mut subscription_ids = SubscriptionIds::new();
     while !input.is_done() {
         let (field, wire_type) = input.key()?;
         match field {
             1 => {
                 In::expect(wire_type, LEN)?;
-                // Every occurrence is checked, as prost checks it; the last counts.
-                let topic = input.len_delimited()?;
-                delivery.topic = topics.get(input.slice(topic))?;
+                // Every occurrence is checked, as prost checks it; the last counts
+                // (and is checked when it is made a topic, below).
+                if let Some(earlier) = topic.replace(input.len_delimited()?) {
+                    std::str::from_utf8(input.slice(earlier))
+                        .map_err(|_| WireError("topic is not UTF-8"))?;
+                }
             }
             2 => {
                 In::expect(wire_type, VARINT)?;
-                delivery.offset = input.varint()?;
+                offset = input.varint()?;
             }
             3 => {
                 In::expect(wire_type, VARINT)?;
-                delivery.epoch = input.varint()?;
+                epoch = input.varint()?;
             }
             4 => {
                 In::expect(wire_type, VARINT)?;
-                delivery.timestamp_ms = input.varint()?;
+                timestamp_ms = input.varint()?;
             }
             5 => {
                 In::expect(wire_type, LEN)?;
                 let header = input.len_delimited()?;
-                delivery.headers.push(read_header(input.nested(header))?);
+                headers.push(read_header(input.nested(header))?);
             }
             6 => {
                 In::expect(wire_type, LEN)?;
@@ -461,19 +472,31 @@ fn read_delivery(
                     let packed = input.len_delimited()?;
                     let mut ids = input.nested(packed);
                     while !ids.is_done() {
-                        delivery.subscription_ids.push(ids.varint()?);
+                        subscription_ids.push(ids.varint()?);
                     }
                 }
-                VARINT => delivery.subscription_ids.push(input.varint()?),
+                VARINT => subscription_ids.push(input.varint()?),
                 _ => return Err(WireError("a known field has the wrong wire type")),
             },
             _ => input.skip(field, wire_type)?,
         }
     }
-    if !payload.is_empty() {
-        delivery.payload = message.slice(base + payload.start..base + payload.end);
-    }
-    Ok(delivery)
+    Ok(ReceivedDelivery {
+        topic: match topic {
+            Some(name) => topics.get(input.slice(name))?,
+            None => Topic::default(),
+        },
+        offset,
+        epoch,
+        timestamp_ms,
+        headers,
+        payload: if payload.is_empty() {
+            Bytes::new()
+        } else {
+            message.slice(base + payload.start..base + payload.end)
+        },
+        subscription_ids,
+    })
 }
 
 /// Reads a `Header` message (`input` covers exactly it).

@@ -166,7 +166,21 @@ impl<'a> In<'a> {
         self.at == self.buf.len()
     }
 
+    /// A varint. One byte (field keys, most lengths, small numbers) is read inline;
+    /// longer ones in [`In::long_varint`].
+    #[inline]
     pub(crate) fn varint(&mut self) -> Result<u64, WireError> {
+        if let Some(&byte) = self.buf.get(self.at)
+            && byte < 0x80
+        {
+            self.at += 1;
+            return Ok(u64::from(byte));
+        }
+        self.long_varint()
+    }
+
+    #[inline(never)]
+    fn long_varint(&mut self) -> Result<u64, WireError> {
         let mut value = 0u64;
         for i in 0..10 {
             let Some(&byte) = self.buf.get(self.at) else {
