@@ -31,12 +31,24 @@ pub struct LiveBatch {
 /// record was meant for).
 pub type Subscribers = Arc<[(u64, u64)]>;
 
-/// One record of a [`LiveBatch`] for some of a stream's subscriptions.
+/// A run of records in a row of a [`LiveBatch`] (of one topic) for the same
+/// subscriptions of a stream: a batch of one busy topic is one item, not one per
+/// record (each held a reference to the subscriptions, counted up on the writer's
+/// thread and down on the stream's).
 #[derive(Debug)]
 pub struct LiveItem {
-    /// Where the record is in the batch.
-    pub index: u32,
+    /// Where the run starts in the batch.
+    pub first: u32,
+    /// Records in the run (at least one).
+    pub count: u32,
     pub subscribers: Subscribers,
+}
+
+impl LiveItem {
+    /// Where the run's records are in the batch.
+    pub fn indices(&self) -> std::ops::Range<usize> {
+        self.first as usize..(self.first + self.count) as usize
+    }
 }
 
 /// What the hub sends a stream.
@@ -105,7 +117,15 @@ impl StreamSink {
         }
     }
 
-    fn push(&self, batch: Arc<LiveBatch>, items: Vec<LiveItem>, bytes: usize, stats: &HubStats) {
+    /// Queues `items` (`records` records, `bytes` against the cap) of `batch`.
+    fn push(
+        &self,
+        batch: Arc<LiveBatch>,
+        items: Vec<LiveItem>,
+        records: usize,
+        bytes: usize,
+        stats: &HubStats,
+    ) {
         if self.cut.load(Ordering::Relaxed) {
             return;
         }
@@ -116,25 +136,28 @@ impl StreamSink {
         }
         stats
             .deliveries
-            .fetch_add(items.len() as u64, Ordering::Relaxed);
+            .fetch_add(records as u64, Ordering::Relaxed);
         let _ = self.events.send(LiveEvent::Records { batch, items });
     }
 }
 
-/// The records `items` name, copied out of `batch` (payloads too, which otherwise
-/// share the publish request's buffer), with `items` renumbered to match.
-fn compact(batch: &LiveBatch, items: &mut [LiveItem]) -> LiveBatch {
-    let mut records = Vec::with_capacity(items.len());
-    let mut positions = Vec::with_capacity(items.len());
-    for (index, item) in items.iter_mut().enumerate() {
-        let record = &batch.records[item.index as usize];
-        records.push(NewRecord {
-            topic: record.topic.clone(),
-            headers: record.headers.clone(),
-            payload: bytes::Bytes::copy_from_slice(&record.payload),
-        });
-        positions.push(batch.positions[item.index as usize]);
-        item.index = index as u32;
+/// The `count` records `items` name, copied out of `batch` (payloads too, which
+/// otherwise share the publish request's buffer), with `items` renumbered to match.
+fn compact(batch: &LiveBatch, items: &mut [LiveItem], count: usize) -> LiveBatch {
+    let mut records = Vec::with_capacity(count);
+    let mut positions = Vec::with_capacity(count);
+    for item in items {
+        let first = records.len() as u32;
+        for index in item.indices() {
+            let record = &batch.records[index];
+            records.push(NewRecord {
+                topic: record.topic.clone(),
+                headers: record.headers.clone(),
+                payload: bytes::Bytes::copy_from_slice(&record.payload),
+            });
+            positions.push(batch.positions[index]);
+        }
+        item.first = first;
     }
     LiveBatch {
         records,
@@ -195,6 +218,8 @@ struct ShardFollowers {
 struct Outgoing {
     sink: Arc<StreamSink>,
     items: Vec<LiveItem>,
+    /// Records in `items`.
+    records: usize,
     bytes: usize,
 }
 
@@ -349,6 +374,7 @@ impl AppendObserver for SubscriptionHub {
                             outgoing.push(Outgoing {
                                 sink: follower.sink.clone(),
                                 items: Vec::new(),
+                                records: 0,
                                 bytes: 0,
                             });
                             outgoing.len() - 1
@@ -362,10 +388,20 @@ impl AppendObserver for SubscriptionHub {
             for (slot, subscribers) in targets {
                 let out = &mut outgoing[*slot];
                 out.bytes += record_bytes(record, subscribers.len());
-                out.items.push(LiveItem {
-                    index: index as u32,
-                    subscribers: subscribers.clone(),
-                });
+                out.records += 1;
+                match out.items.last_mut() {
+                    Some(run)
+                        if run.indices().end == index
+                            && Arc::ptr_eq(&run.subscribers, subscribers) =>
+                    {
+                        run.count += 1
+                    }
+                    _ => out.items.push(LiveItem {
+                        first: index as u32,
+                        count: 1,
+                        subscribers: subscribers.clone(),
+                    }),
+                }
             }
         }
         drop(run);
@@ -374,11 +410,12 @@ impl AppendObserver for SubscriptionHub {
             // A stream is charged for its own records only, so it must not keep a
             // much larger batch alive while it lags: it gets a copy of its share.
             let shared = if out.bytes * 4 < batch_bytes {
-                Arc::new(compact(&batch, &mut out.items))
+                Arc::new(compact(&batch, &mut out.items, out.records))
             } else {
                 batch.clone()
             };
-            out.sink.push(shared, out.items, out.bytes, &self.stats);
+            out.sink
+                .push(shared, out.items, out.records, out.bytes, &self.stats);
         }
         slots.clear();
     }
@@ -415,25 +452,55 @@ mod tests {
         };
         assert_eq!(batch.records.len(), 1, "a copy of its share, not the batch");
         assert_eq!(items.len(), 1);
-        let record = &batch.records[items[0].index as usize];
-        assert_eq!(record.topic, "user.1");
-        assert_eq!(batch.positions[items[0].index as usize].offset, 50);
+        assert_eq!(items[0].indices(), 0..1);
+        assert_eq!(batch.records[0].topic, "user.1");
+        assert_eq!(batch.positions[0].offset, 50);
         assert_eq!(&items[0].subscribers[..], &[(7, 1)]);
 
         let Ok(LiveEvent::Records { batch, items }) = big_rx.try_recv() else {
             panic!("an event for the big stream");
         };
         assert_eq!(batch.records.len(), 100, "most of the batch: shared");
-        assert_eq!(items.len(), 99);
+        // The records in a row are one item each side of the other topic's.
+        let runs: Vec<_> = items.iter().map(LiveItem::indices).collect();
+        assert_eq!(runs, [0..50, 51..100]);
+        assert!(items.iter().all(|i| i.subscribers[..] == [(8, 1)]));
         assert!(
             items
                 .iter()
-                .all(|i| batch.records[i.index as usize].topic == "guild.1")
+                .flat_map(LiveItem::indices)
+                .all(|index| batch.records[index].topic == "guild.1")
         );
-        let offsets: Vec<u64> = items
-            .iter()
-            .map(|i| batch.positions[i.index as usize].offset)
+    }
+
+    #[test]
+    fn a_copied_share_keeps_its_runs_and_their_records_in_log_order() {
+        let hub = SubscriptionHub::new(1, 1 << 30, 10);
+        let (stream, mut rx) = hub.open_stream().unwrap();
+        hub.follow(0, "user.1", &stream, 7, 1);
+        hub.follow(0, "user.2", &stream, 9, 1);
+        // user.1 ×3, user.2 ×2, user.1 ×1, among 94 records of a topic not followed.
+        let topic = |i: usize| match i {
+            10..=12 | 40 => "user.1",
+            20 | 21 => "user.2",
+            _ => "guild.1",
+        };
+        let records: Vec<NewRecord> = (0..100)
+            .map(|i| NewRecord::new(topic(i), vec![b'x'; 100]))
             .collect();
-        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "log order");
+        hub.appended(0, records, &appended(100), 5);
+
+        let Ok(LiveEvent::Records { batch, items }) = rx.try_recv() else {
+            panic!("an event for the stream");
+        };
+        assert_eq!(batch.records.len(), 6, "a copy of its share");
+        let runs: Vec<_> = items
+            .iter()
+            .map(|i| (i.indices(), i.subscribers[0].0))
+            .collect();
+        assert_eq!(runs, [(0..3, 7), (3..5, 9), (5..6, 7)]);
+        let offsets: Vec<u64> = batch.positions.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, [10, 11, 12, 20, 21, 40]);
+        assert_eq!(hub.stats().deliveries.load(Ordering::Relaxed), 6);
     }
 }

@@ -24,9 +24,7 @@ use tonic::{Code, Status, Streaming};
 
 use crate::filter::{Context, EventView, FilterSet, SharedVerdicts};
 use crate::server::convert::{self, RecordView};
-use crate::server::hub::{
-    LiveBatch, LiveEvent, LiveItem, StreamSink, SubscriptionHub, record_bytes,
-};
+use crate::server::hub::{LiveBatch, LiveEvent, StreamSink, SubscriptionHub, record_bytes};
 use crate::server::status::read_status;
 use crate::storage::{ReadError, ReadLimits, Store, validate_topic_name};
 
@@ -637,19 +635,26 @@ impl SubscriberStream {
             }
         };
         for item in &items {
-            if self.batch_full() {
-                self.flush().await?;
+            for index in item.indices() {
+                if self.batch_full() {
+                    self.flush().await?;
+                }
+                // Released with the response that carries it (or drops it).
+                let record = &batch.records[index];
+                self.released += record_bytes(record, item.subscribers.len());
+                self.live_record(&batch, index, &item.subscribers)?;
             }
-            // Released with the response that carries it (or drops it).
-            let record = &batch.records[item.index as usize];
-            self.released += record_bytes(record, item.subscribers.len());
-            self.live_record(&batch, item)?;
         }
         Ok(())
     }
 
-    fn live_record(&mut self, batch: &LiveBatch, item: &LiveItem) -> Result<(), End> {
-        let record = RecordView::live(batch, item.index as usize);
+    fn live_record(
+        &mut self,
+        batch: &LiveBatch,
+        index: usize,
+        subscribers: &[(u64, u64)],
+    ) -> Result<(), End> {
+        let record = RecordView::live(batch, index);
         let mut live_ids = std::mem::take(&mut self.live_ids);
         live_ids.clear();
         let mut verdicts = Verdicts::default();
@@ -659,7 +664,7 @@ impl SubscriberStream {
         let allowed = verdicts.judge(
             &self.limits.filters,
             record,
-            item.subscribers.iter().filter_map(|&(id, generation)| {
+            subscribers.iter().filter_map(|&(id, generation)| {
                 let subscription = subscriptions.get(&id)?;
                 let filter = subscription.filter.as_deref()?;
                 (subscription.generation == generation).then_some((
@@ -670,7 +675,7 @@ impl SubscriberStream {
             }),
         );
         let mut allowed = allowed.into_iter();
-        for &(id, generation) in item.subscribers.iter() {
+        for &(id, generation) in subscribers {
             let Some(subscription) = self.subscriptions.get_mut(&id) else {
                 continue;
             };
