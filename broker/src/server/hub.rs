@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{Notify, mpsc};
 
-use crate::storage::{AppendObserver, Appended, NewRecord};
+use crate::storage::{AppendObserver, Appended, NewRecord, Topic};
 
 /// Records one shard appended in one step, shared by every stream that follows
 /// some of them (nothing is copied per stream on the writer's thread).
@@ -357,11 +357,9 @@ impl AppendObserver for SubscriptionHub {
             timestamp_ms,
         });
         // The topic of the previous record and the slots of its followers.
-        let mut run: Option<(&str, Vec<(usize, Subscribers)>)> = None;
+        let mut run: Option<(&Topic, Vec<(usize, Subscribers)>)> = None;
         for (index, record) in batch.records.iter().enumerate() {
-            let same_topic = run
-                .as_ref()
-                .is_some_and(|(t, _)| *t == record.topic.as_str());
+            let same_topic = run.as_ref().is_some_and(|(t, _)| **t == record.topic);
             if !same_topic {
                 let Some(list) = topics.get_mut(record.topic.as_str()) else {
                     run = None;

@@ -35,7 +35,7 @@ mod worker;
 pub use config::{FsyncPolicy, Retention, StoreConfig};
 pub use error::{AppendError, OpenError, ReadError};
 pub use observer::AppendObserver;
-pub use record::{Header, NewRecord, Record};
+pub use record::{Header, NewRecord, Record, Topic};
 pub use shard::{Appended, ReadBatch, ReadLimits, TopicInfo};
 pub use stats::StatsSnapshot;
 pub use store::{Ack, Store};

@@ -24,7 +24,8 @@ use crate::storage::error::{AppendError, IoError, OpenError, ReadError};
 use crate::storage::log::{DiskBudget, Roll, SegmentLog, SpareJob, SyncJob};
 use crate::storage::record::{
     FLAG_BATCH_END, FrameMeta, MAX_HEADER_KEY_BYTES, MAX_HEADER_VALUE_BYTES, MAX_HEADERS,
-    NO_POSITION, NewRecord, Record, encode_frame, frame_len, headers_encoded_len, padded_len,
+    NO_POSITION, NewRecord, Record, Topic, encode_frame, frame_len, headers_encoded_len,
+    padded_len,
 };
 use crate::storage::recovery::{RecoveryReport, ScanEvent, recover_shard, scan_segment};
 use crate::storage::registry::TopicTable;
@@ -1011,9 +1012,9 @@ pub fn check_batch(
     let mut total = 0u64;
     // A batch's records mostly share a topic (a guild's events in a row): a name
     // equal to the one just checked is not checked again.
-    let mut checked: Option<&str> = None;
+    let mut checked: Option<&Topic> = None;
     for record in records {
-        if checked != Some(record.topic.as_str()) {
+        if checked != Some(&record.topic) {
             validate_topic_name(&record.topic).map_err(|source| AppendError::InvalidTopic {
                 topic: record.topic.to_string(),
                 source,
