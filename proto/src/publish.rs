@@ -679,9 +679,27 @@ mod tests {
             out
         };
         let one_record = |record: &[u8]| field(2 << 3 | 2, record);
-        let mut topics = field(1 << 3 | 2, b"\xff");
-        topics.extend(field(1 << 3 | 2, b"g.1"));
-        assert!(!decodes_as_prost(&one_record(&topics)));
+        // A bad name anywhere among a record's topics is refused, by this reader as
+        // by prost; of good ones, the last counts (the second record finds its name
+        // in the topic cache).
+        let topics = |names: &[&[u8]]| {
+            let fields = names.iter().map(|name| field(1 << 3 | 2, name));
+            fields.flatten().collect::<Vec<u8>>()
+        };
+        for names in [
+            &[b"\xff" as &[u8], b"g.1"][..],
+            &[b"g.1", b"\xff"],
+            &[b"g.1", b"\xff", b"g.1"],
+        ] {
+            let request = one_record(&topics(names));
+            assert!(!decodes_as_prost(&request));
+            assert!(read_request(&Bytes::from(request)).is_err());
+        }
+        let mut two = one_record(&topics(&[b"g.1"]));
+        two.extend(one_record(&topics(&[b"g.2", b"g.1"])));
+        assert!(decodes_as_prost(&two));
+        let read = read_request(&Bytes::from(two)).unwrap();
+        assert!(read.records.iter().all(|record| record.topic == "g.1"));
         let mut values = field(2 << 3 | 2, b"\xff");
         values.extend(field(2 << 3 | 2, b"v"));
         assert!(!decodes_as_prost(&one_record(&field(2 << 3 | 2, &values))));

@@ -37,9 +37,13 @@ const INLINE_TOPIC_BYTES: usize = 38;
 pub struct Topic(Repr);
 
 const _: () = assert!(std::mem::size_of::<Topic>() == 40);
+// `PartialEq` compares the inline bytes as words at 0, 8, 16, 24 and the last 8.
+const _: () = assert!(INLINE_TOPIC_BYTES >= 32 && INLINE_TOPIC_BYTES <= 40);
 
 #[derive(Clone)]
 enum Repr {
+    /// The bytes past `len` are zero (`Topic::inline` is the only constructor):
+    /// `PartialEq` compares all of them.
     Inline {
         len: u8,
         bytes: [u8; INLINE_TOPIC_BYTES],
@@ -123,9 +127,9 @@ impl fmt::Display for Topic {
 }
 
 impl PartialEq for Topic {
-    /// Two inline names compare as five words each (a name that fits is always held
-    /// inline, its unused bytes zero), with no call to `memcmp`: the broker compares
-    /// each record's topic with the one before it several times.
+    /// Two inline names compare as their lengths and five words each, with no call
+    /// to `memcmp` (the broker compares each record's topic with the one before it
+    /// several times); this relies on the bytes past an inline name being zero.
     #[inline]
     fn eq(&self, other: &Topic) -> bool {
         match (&self.0, &other.0) {
@@ -708,10 +712,24 @@ mod tests {
 
     #[test]
     fn every_occurrence_of_a_string_is_checked_and_groups_nest_only_as_deep_as_prost_allows() {
-        // A bad name, then a good one: prost refuses the message, and so must we.
-        let mut topics = field(1 << 3 | 2, b"\xff");
-        topics.extend(field(1 << 3 | 2, b"g.1"));
-        assert!(agrees_with_prost(&one_delivery(&topics)).is_err());
+        // A bad name anywhere among a delivery's topics: prost refuses the message,
+        // and so must we; of good ones, the last counts (the second delivery finds
+        // its name in the topic cache).
+        let topics = |names: &[&[u8]]| {
+            let fields = names.iter().map(|name| field(1 << 3 | 2, name));
+            fields.flatten().collect::<Vec<u8>>()
+        };
+        for names in [
+            &[b"\xff" as &[u8], b"g.1"][..],
+            &[b"g.1", b"\xff"],
+            &[b"g.1", b"\xff", b"g.1"],
+        ] {
+            assert!(agrees_with_prost(&one_delivery(&topics(names))).is_err());
+        }
+        let mut two = one_delivery(&topics(&[b"g.1"]));
+        two.extend(one_delivery(&topics(&[b"g.2", b"g.1"])));
+        let read = agrees_with_prost(&two).unwrap().unwrap();
+        assert!(read.iter().all(|delivery| delivery.topic == "g.1"));
         let mut keys = field(1 << 3 | 2, b"\xff");
         keys.extend(field(1 << 3 | 2, b"k"));
         assert!(agrees_with_prost(&one_delivery(&field(5 << 3 | 2, &keys))).is_err());
@@ -799,7 +817,11 @@ mod tests {
         assert!(Topic::from(fits.as_str()).is_inline());
         assert!(Topic::default().is_inline() && Topic::default().is_empty());
         // Topics are equal exactly when their names are, however each was made.
-        let names = ["", "u", "u\0", "user.1", "user.10", "user.2", &fits, &name];
+        // Names of one length that differ only in the last word's bytes, too.
+        let (end, near_end) = ("x".repeat(37) + "y", "x".repeat(32) + "yxxxxx");
+        let names = [
+            "", "u", "u\0", "user.1", "user.10", "user.2", &fits, &end, &near_end, &name,
+        ];
         let made = |n: &str| {
             [
                 Topic::from(n),

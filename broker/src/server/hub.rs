@@ -2,9 +2,10 @@
 //! tail that feeds them.
 //!
 //! The hub is the store's [`AppendObserver`]: each shard's writer thread hands it the
-//! records it has just appended, in log order, and the hub queues one delivery per
-//! following stream, naming that stream's subscriptions (send once per edge; the
-//! edge fans out). The hub never blocks the writer: a stream's queue is unbounded
+//! records it has just appended, in log order, and the hub queues one event per
+//! following stream for the whole batch: the runs of records in a row the stream
+//! follows, each naming that stream's subscriptions (send once per edge; the edge
+//! fans out). The hub never blocks the writer: a stream's queue is unbounded
 //! but metered in bytes, and a stream that lets more than its cap pile up is cut off
 //! (counted and logged), never waited for — a slow subscriber cannot slow producers
 //! or other subscribers.
@@ -388,11 +389,11 @@ impl AppendObserver for SubscriptionHub {
                 out.bytes += record_bytes(record, subscribers.len());
                 out.records += 1;
                 match out.items.last_mut() {
-                    Some(run)
-                        if run.indices().end == index
-                            && Arc::ptr_eq(&run.subscribers, subscribers) =>
+                    Some(last)
+                        if last.indices().end == index
+                            && Arc::ptr_eq(&last.subscribers, subscribers) =>
                     {
-                        run.count += 1
+                        last.count += 1
                     }
                     _ => out.items.push(LiveItem {
                         first: index as u32,
@@ -469,6 +470,37 @@ mod tests {
                 .flat_map(LiveItem::indices)
                 .all(|index| batch.records[index].topic == "guild.1")
         );
+    }
+
+    #[test]
+    fn each_stream_of_a_topic_gets_one_run_naming_all_its_subscriptions() {
+        let hub = SubscriptionHub::new(1, 1 << 30, 10);
+        let (one, mut one_rx) = hub.open_stream().unwrap();
+        let (two, mut two_rx) = hub.open_stream().unwrap();
+        hub.follow(0, "guild.1", &one, 7, 1);
+        hub.follow(0, "guild.1", &two, 8, 1);
+        hub.follow(0, "guild.1", &two, 9, 1);
+        let records: Vec<NewRecord> = (0..100)
+            .map(|_| NewRecord::new("guild.1", vec![b'g'; 100]))
+            .collect();
+        hub.appended(0, records, &appended(100), 5);
+
+        let mut batches = Vec::new();
+        for (rx, subscribers) in [
+            (&mut one_rx, &[(7, 1)][..]),
+            (&mut two_rx, &[(8, 1), (9, 1)]),
+        ] {
+            let Ok(LiveEvent::Records { batch, items }) = rx.try_recv() else {
+                panic!("an event for each stream");
+            };
+            assert_eq!(items.len(), 1);
+            assert_eq!(items[0].indices(), 0..100);
+            assert_eq!(&items[0].subscribers[..], subscribers);
+            batches.push(batch);
+        }
+        assert!(Arc::ptr_eq(&batches[0], &batches[1]), "one batch, shared");
+        // A delivery per record per stream, whatever the stream's subscriptions.
+        assert_eq!(hub.stats().deliveries.load(Ordering::Relaxed), 200);
     }
 
     #[test]
