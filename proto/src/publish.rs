@@ -493,6 +493,7 @@ mod tests {
     use super::*;
     use crate::batch::tests::delivery;
     use crate::v1::Header;
+    use crate::wire::test_bytes::{WITH_A_BAD_NAME, field, topics};
     use prost::Message;
 
     fn record(seed: u64) -> PublishRecord {
@@ -672,25 +673,11 @@ mod tests {
 
     #[test]
     fn every_occurrence_of_a_string_is_checked_and_groups_nest_only_as_deep_as_prost_allows() {
-        let field = |key: u8, body: &[u8]| {
-            let mut out = vec![key];
-            prost::encoding::encode_varint(body.len() as u64, &mut out);
-            out.extend_from_slice(body);
-            out
-        };
         let one_record = |record: &[u8]| field(2 << 3 | 2, record);
         // A bad name anywhere among a record's topics is refused, by this reader as
         // by prost; of good ones, the last counts (the second record finds its name
         // in the topic cache).
-        let topics = |names: &[&[u8]]| {
-            let fields = names.iter().map(|name| field(1 << 3 | 2, name));
-            fields.flatten().collect::<Vec<u8>>()
-        };
-        for names in [
-            &[b"\xff" as &[u8], b"g.1"][..],
-            &[b"g.1", b"\xff"],
-            &[b"g.1", b"\xff", b"g.1"],
-        ] {
+        for names in WITH_A_BAD_NAME {
             let request = one_record(&topics(names));
             assert!(!decodes_as_prost(&request));
             assert!(read_request(&Bytes::from(request)).is_err());

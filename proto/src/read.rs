@@ -551,6 +551,7 @@ mod tests {
         Delivery, Header, Position, Started, SubscribeResponse, SubscriptionUpdate,
         subscribe_response::Event, subscription_update::State,
     };
+    use crate::wire::test_bytes::{WITH_A_BAD_NAME, field, topics};
     use crate::{DeliveryBatch, DeliveryWriter};
     use prost::Message;
 
@@ -690,13 +691,6 @@ mod tests {
         }
     }
 
-    fn field(key: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![key];
-        prost::encoding::encode_varint(body.len() as u64, &mut out);
-        out.extend_from_slice(body);
-        out
-    }
-
     /// A response with one delivery whose body is `delivery`.
     fn one_delivery(delivery: &[u8]) -> Vec<u8> {
         field(1 << 3 | 2, &field(1 << 3 | 2, delivery))
@@ -715,15 +709,7 @@ mod tests {
         // A bad name anywhere among a delivery's topics: prost refuses the message,
         // and so must we; of good ones, the last counts (the second delivery finds
         // its name in the topic cache).
-        let topics = |names: &[&[u8]]| {
-            let fields = names.iter().map(|name| field(1 << 3 | 2, name));
-            fields.flatten().collect::<Vec<u8>>()
-        };
-        for names in [
-            &[b"\xff" as &[u8], b"g.1"][..],
-            &[b"g.1", b"\xff"],
-            &[b"g.1", b"\xff", b"g.1"],
-        ] {
+        for names in WITH_A_BAD_NAME {
             assert!(agrees_with_prost(&one_delivery(&topics(names))).is_err());
         }
         let mut two = one_delivery(&topics(&[b"g.1"]));

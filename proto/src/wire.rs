@@ -278,3 +278,31 @@ impl<'a> In<'a> {
         }
     }
 }
+
+/// Hand-made message bytes for the readers' tests.
+#[cfg(test)]
+pub(crate) mod test_bytes {
+    /// A length-delimited field: `key`, then `body` with its length.
+    pub(crate) fn field(key: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![key];
+        prost::encoding::encode_varint(body.len() as u64, &mut out);
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Field 1 (the topic of a record or a delivery) once for each of `names`.
+    pub(crate) fn topics(names: &[&[u8]]) -> Vec<u8> {
+        names
+            .iter()
+            .flat_map(|name| field(1 << 3 | 2, name))
+            .collect()
+    }
+
+    /// Topic fields with a name that is not UTF-8 first, last and between good ones:
+    /// prost refuses each, wherever the bad one is.
+    pub(crate) const WITH_A_BAD_NAME: [&[&[u8]]; 3] = [
+        &[b"\xff", b"g.1"],
+        &[b"g.1", b"\xff"],
+        &[b"g.1", b"\xff", b"g.1"],
+    ];
+}
