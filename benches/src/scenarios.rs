@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -201,11 +201,26 @@ impl Counter {
 /// header and a comment saying which records the histogram left out (the lines
 /// count them all). Gaps in `arrived_us` followed by large batches are the stalls
 /// behind a p99.
-fn write_latency_trace(path: &Path, warmup: Duration, batches: &[Batch]) -> Result<()> {
+fn write_latency_trace(
+    path: &Path,
+    started: SystemTime,
+    warmup: Duration,
+    batches: &[Batch],
+) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
     );
+    // The wall-clock time of arrived_us = 0, to lay the trace over other
+    // recordings of the machine (CPU steal, scheduling) made at the same time.
+    let since_epoch = started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "# started: {} µs since the Unix epoch",
+        since_epoch.as_micros()
+    )?;
     writeln!(
         out,
         "# warm-up: records sent in the first {} µs are in these lines, not in the histogram",
@@ -365,6 +380,7 @@ pub async fn latency(
                 let mut publisher = systems.publisher(kind).await?;
                 let (expected, expecting) = watch::channel(u64::MAX);
                 let base = Instant::now();
+                let base_wall = SystemTime::now();
                 let warmup = sizes.duration / 10;
                 let counter = Counter::spawn(
                     consumer,
@@ -412,7 +428,7 @@ pub async fn latency(
                         kind.label(),
                         rep + 1
                     ));
-                    write_latency_trace(&path, warmup, &outcome.batches)?;
+                    write_latency_trace(&path, base_wall, warmup, &outcome.batches)?;
                 }
                 let histogram = outcome.latency.expect("latency kept");
                 if histogram.is_empty() {
