@@ -475,6 +475,62 @@ fn retention_by_size_drops_old_segments_and_expires_topics() {
     ));
 }
 
+/// Files and mappings of this process under `dir` whose files were deleted.
+fn deleted_files_held_open(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().into_owned();
+    let mut held: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .map(|target| target.to_string_lossy().into_owned())
+        .collect();
+    held.extend(
+        std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .map(str::to_owned),
+    );
+    held.retain(|line| line.contains(&dir) && line.ends_with("(deleted)"));
+    held
+}
+
+#[test]
+fn segments_retention_drops_are_freed_by_the_shards_sync_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = small_config(dir.path());
+    config.shard_count = 1;
+    config.retention = Retention {
+        max_bytes: Some(4 * (64 << 10)),
+        max_age: None,
+    };
+    let store = Store::open(config).unwrap();
+    for i in 0..2000 {
+        store
+            .append(vec![record("guild.1", vec![i as u8; 500])], Ack::Written)
+            .unwrap();
+    }
+    store.enforce_retention().unwrap();
+    assert!(store.stats().segments_dropped > 0);
+    // The shard's thread unlinks a dropped segment and hands the rest (unmapping,
+    // freeing its blocks, closing it) to its sync thread: none stays held.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = deleted_files_held_open(dir.path());
+        if held.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "deleted segments still held: {held:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And the store goes on.
+    store
+        .append(vec![record("guild.1", "after")], Ack::Durable)
+        .unwrap();
+    store.close().unwrap();
+}
+
 #[test]
 fn retention_by_age_drops_segments_whose_records_are_old() {
     let dir = tempfile::tempdir().unwrap();

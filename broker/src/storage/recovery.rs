@@ -152,7 +152,9 @@ fn index_frame(topics: &mut TopicTable, log: &SegmentLog, pos: u64, topic: &[u8]
                 tracing::warn!(pos, offset, latest, topic = %String::from_utf8_lossy(topic), "ignoring a frame whose offset does not follow its topic's");
             }
         }
-        None => topics.insert(hash, pos),
+        None => {
+            topics.insert(hash, pos);
+        }
     }
 }
 

@@ -98,25 +98,28 @@ impl TopicTable {
         self.slots[index].pos = pos;
     }
 
-    /// Adds a topic that [`TopicTable::find`] did not find.
-    pub fn insert(&mut self, hash: u64, pos: u64) {
+    /// Adds a topic that [`TopicTable::find`] did not find; returns its slot index,
+    /// valid until the next insert or rebuild.
+    pub fn insert(&mut self, hash: u64, pos: u64) -> usize {
         if (self.len + 1) * 10 > self.slots.len() * MAX_LOAD_TENTHS {
             self.resize(self.slots.len() * 2);
         }
-        self.place(Slot {
+        let index = self.place(Slot {
             hash: stored_hash(hash),
             pos,
         });
         self.len += 1;
+        index
     }
 
-    fn place(&mut self, slot: Slot) {
+    fn place(&mut self, slot: Slot) -> usize {
         let mask = self.mask();
         let mut index = slot.hash as usize & mask;
         while self.slots[index].hash != 0 {
             index = (index + 1) & mask;
         }
         self.slots[index] = slot;
+        index
     }
 
     fn resize(&mut self, slots: usize) {
@@ -195,7 +198,9 @@ mod tests {
             let name = format!("user.{i}");
             let hash = crate::storage::topic::topic_hash(name.as_bytes());
             assert_eq!(lookup(&table, &names, &name, hash), None);
-            table.insert(hash, i * 8);
+            let index = table.insert(hash, i * 8);
+            // The slot it returns is the topic's, even when the insert grew the table.
+            assert_eq!(table.pos(index), i * 8);
             names.insert(i * 8, name);
         }
         assert_eq!(table.len(), 10_000);

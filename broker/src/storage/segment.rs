@@ -506,6 +506,11 @@ impl Segment {
 
     /// What a sync started now covers: the file, and the bytes written to it so far
     /// (see [`Segment::synced_to`]).
+    /// The segment's file (shared).
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
     pub fn sync_target(&self) -> (Arc<File>, usize) {
         (self.file.clone(), self.written)
     }

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use crate::storage::config::FsyncPolicy;
 use crate::storage::error::{AppendError, IoError};
-use crate::storage::log::{Roll, SpareJob, SyncJob};
+use crate::storage::log::{Deletion, Roll, SpareJob, SyncJob};
 use crate::storage::observer::AppendObserver;
 use crate::storage::record::NewRecord;
 use crate::storage::segment::{CacheRelease, Spare};
@@ -71,6 +71,9 @@ enum Done {
 /// How much of a page-cache release the sync thread does before it looks for a
 /// sync to run first.
 const RELEASE_PIECE: u64 = 1 << 20;
+/// How much of a deleted segment's file the sync thread frees (cuts off) before it
+/// looks for a sync to run first.
+const DELETE_PIECE: u64 = 4 << 20;
 
 /// The shard's sync thread: it runs one sync at a time while the shard's thread
 /// goes on appending (and delivering live records), so that no append — and no
@@ -80,14 +83,16 @@ const RELEASE_PIECE: u64 = 1 << 20;
 ///
 /// The sync thread also does the disk work of segment rolls ([`Roll`]: sealing
 /// the old segment and syncing the directory, in order with the syncs), makes the
-/// spare file the next roll starts from, and drops released pages from the page
+/// spare file the next roll starts from, drops released pages from the page
 /// cache ([`CacheRelease`]; `posix_fadvise` took 0.3–14 ms per 4 MiB step on the
-/// shard's thread), in pieces of 1 MiB. Syncs and rolls go first, then spare
-/// files, then page-cache releases (a spare file or a release piece that has
-/// started is not interrupted).
+/// shard's thread), in pieces of 1 MiB, and frees the segments retention dropped
+/// ([`Deletion`]), in pieces of 4 MiB. Syncs and rolls go first, then spare
+/// files, then page-cache releases and deletions (a spare file or a piece that
+/// has started is not interrupted).
 struct Syncer {
     jobs: Option<crossbeam_channel::Sender<Work>>,
     releases: Option<crossbeam_channel::Sender<CacheRelease>>,
+    deletions: Option<crossbeam_channel::Sender<Deletion>>,
     finished: Receiver<Done>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Appends the running sync covers; `None` when no sync runs.
@@ -102,14 +107,16 @@ impl Syncer {
     fn start(shard: u32) -> Syncer {
         let (jobs, pending) = crossbeam_channel::unbounded::<Work>();
         let (releases, to_release) = crossbeam_channel::unbounded::<CacheRelease>();
+        let (deletions, to_delete) = crossbeam_channel::unbounded::<Deletion>();
         let (done, finished) = crossbeam_channel::unbounded::<Done>();
         let thread = std::thread::Builder::new()
             .name(format!("sync-{shard}"))
-            .spawn(move || sync_thread(&pending, &to_release, &done));
+            .spawn(move || sync_thread(&pending, &to_release, &to_delete, &done));
         match thread {
             Ok(thread) => Syncer {
                 jobs: Some(jobs),
                 releases: Some(releases),
+                deletions: Some(deletions),
                 finished,
                 thread: Some(thread),
                 running: None,
@@ -123,6 +130,7 @@ impl Syncer {
                     jobs: None,
                     finished: crossbeam_channel::never(),
                     releases: None,
+                    deletions: None,
                     thread: None,
                     running: None,
                     rolls_out: 0,
@@ -239,6 +247,22 @@ impl Syncer {
         }
     }
 
+    /// Hands the segments retention dropped to the sync thread, or deletes them
+    /// here when there is none.
+    fn delete(&mut self, shard: &mut Shard) {
+        for deletion in shard.take_deletions() {
+            let unsent = match &self.deletions {
+                Some(deletions) => match deletions.send(deletion) {
+                    Ok(()) => continue,
+                    Err(unsent) => unsent.0,
+                },
+                None => deletion,
+            };
+            self.deletions = None;
+            unsent.run();
+        }
+    }
+
     /// Drops what has left the shard's page-cache window (if it has one) from the
     /// page cache: on the sync thread, or here when there is none.
     fn release(&mut self, shard: &mut Shard) {
@@ -297,6 +321,7 @@ impl Syncer {
         );
         self.jobs = None;
         self.releases = None;
+        self.deletions = None;
         // What it reported before it stopped still counts.
         let reported: Vec<Done> = self.finished.try_iter().collect();
         for done in reported {
@@ -325,12 +350,13 @@ impl Syncer {
 }
 
 /// The sync thread's loop: syncs and rolls as asked, in order, one at a time;
-/// spare files when none waits; and page-cache releases in between, a piece at a
-/// time so that work asked for meanwhile goes first. Ends when the shard's side is
-/// dropped, after the releases already sent.
+/// spare files when none waits; and page-cache releases and deletions in between,
+/// a piece at a time so that work and spare files asked for meanwhile go first. Ends when the
+/// shard's side is dropped, after the releases and deletions already sent.
 fn sync_thread(
     work: &Receiver<Work>,
     releases: &Receiver<CacheRelease>,
+    deletions: &Receiver<Deletion>,
     done: &crossbeam_channel::Sender<Done>,
 ) {
     let mut spares = Vec::new();
@@ -348,6 +374,22 @@ fn sync_thread(
         Work::Spare(job) => {
             spares.push(job);
             true
+        }
+    };
+    // Before each piece of a release or a deletion: the work asked for meanwhile,
+    // then a spare file asked for meanwhile (a roll without one makes its own
+    // file on the shard's thread).
+    let catch_up = |spares: &mut Vec<SpareJob>| {
+        while let Ok(item) = work.try_recv() {
+            if !run(item, spares) {
+                return false;
+            }
+        }
+        match spares.pop() {
+            Some(job) => done
+                .send(Done::Spare(Spare::create(&job.dir, job.capacity)))
+                .is_ok(),
+            None => true,
         }
     };
     loop {
@@ -383,14 +425,23 @@ fn sync_thread(
             recv(releases) -> release => match release {
                 Ok(release) => {
                     for piece in release.pieces(RELEASE_PIECE) {
-                        while let Ok(item) = work.try_recv() {
-                            if !run(item, &mut spares) {
-                                return;
-                            }
+                        if !catch_up(&mut spares) {
+                            return;
                         }
                         piece.run();
                     }
                 }
+                Err(_) => break,
+            },
+            recv(deletions) -> deletion => match deletion {
+                Ok(mut deletion) => loop {
+                    if !catch_up(&mut spares) {
+                        return;
+                    }
+                    if !deletion.step(DELETE_PIECE) {
+                        break;
+                    }
+                },
                 Err(_) => break,
             },
         }
@@ -398,12 +449,16 @@ fn sync_thread(
     for release in releases.try_iter() {
         release.run();
     }
+    for deletion in deletions.try_iter() {
+        deletion.run();
+    }
 }
 
 impl Drop for Syncer {
     fn drop(&mut self) {
         self.jobs = None;
         self.releases = None;
+        self.deletions = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -437,6 +492,8 @@ fn failed(shard: &Shard) -> Option<String> {
 /// The last sync, when the shard stops: waits for the running one, syncs the rest
 /// and answers every append still waiting.
 fn close(shard: &mut Shard, syncer: &mut Syncer, waiting: &mut Vec<Waiter>) -> Result<(), IoError> {
+    // The sync thread finishes them before it ends (dropping the syncer waits).
+    syncer.delete(shard);
     syncer.settle(shard);
     shard.discard_spare();
     // Also runs the rolls not handed out.
@@ -475,6 +532,9 @@ pub(crate) fn run(
     observer: Arc<OnceLock<Arc<dyn AppendObserver>>>,
 ) {
     let mut syncer = Syncer::start(shard.id());
+    if syncer.deletions.is_some() {
+        shard.defer_deletions();
+    }
     // Appends waiting for a sync that has not started yet.
     let mut waiting: Vec<Waiter> = Vec::new();
     let mut sync_due: Option<Instant> = None;
@@ -551,6 +611,8 @@ pub(crate) fn run(
         }
         // Rolls go to the sync thread before any sync of the segments after them.
         syncer.hand_out(&mut shard);
+        // Segments retention dropped to make room for an append.
+        syncer.delete(&mut shard);
         let now = Instant::now();
         // While a sync runs the data it covers still counts as dirty: the timer is
         // set once it ends, for what was written since. A failed shard syncs no more.
@@ -582,6 +644,7 @@ pub(crate) fn run(
             if let Err(error) = shard.enforce_retention(now_ms.max(wall_clock_ms())) {
                 tracing::error!(shard = shard.id(), %error, "retention failed");
             }
+            syncer.delete(&mut shard);
         }
     }
 }
