@@ -283,6 +283,7 @@ fn every_scenario_runs_against_every_system() {
             let text = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let mut lines = text.lines();
+            assert!(lines.next().unwrap().starts_with("# started: "), "{text}");
             assert!(lines.next().unwrap().starts_with("# warm-up"), "{text}");
             assert_eq!(lines.next(), Some("arrived_us\trecords\tmax_latency_us"));
             let batches: Vec<Vec<u64>> = lines
