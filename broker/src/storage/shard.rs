@@ -117,19 +117,20 @@ impl ShardOptions {
     }
 }
 
-/// Hands out epochs: `generation << 32 | counter`.
 /// A topic's latest record as the append path sees it.
 #[derive(Debug, Clone, Copy)]
 struct Latest {
     /// The topic's hash ([`topic_hash`]).
     hash: u64,
-    /// Its slot in the registry: valid until the next insert, so only for the
-    /// record after, in the same batch.
+    /// Its slot in the registry: valid until the next insert of another topic or
+    /// rebuild of the registry, so it is kept only for the record appended next
+    /// ([`Shard::last`], cleared when retention rebuilds the registry).
     index: usize,
     pos: u64,
     meta: FrameMeta,
 }
 
+/// Hands out epochs: `generation << 32 | counter`.
 #[derive(Debug)]
 struct EpochSource {
     generation: u64,
@@ -300,6 +301,11 @@ impl Shard {
                 || self.enforce_retention(now_ms)? == 0
             {
                 return Err(error);
+            }
+            // The room is wanted now, on the disk as in the budget: the dropped
+            // segments' blocks are freed here, not left to the sync thread.
+            for deletion in self.log.take_deletions() {
+                deletion.run();
             }
             self.ensure_room(total as usize)?;
         }
@@ -1321,7 +1327,7 @@ mod tests {
         // Only the one topic, last appended throughout, until retention has dropped
         // the segments of the others: the registry is rebuilt smaller.
         for _ in 0..10_000 {
-            if shard.topics.len() <= 2 {
+            if shard.topics.len() == 1 {
                 break;
             }
             append(&mut shard, &[a.clone(), a.clone()], 500);
@@ -1412,6 +1418,50 @@ mod tests {
             !rolls[0].made_its_own_segment(),
             "the first roll used the spare"
         );
+    }
+
+    #[test]
+    fn an_append_that_needs_retention_for_the_budget_frees_the_blocks_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        // Retention would keep two segments; the budget holds four files (with the
+        // spare). Retention only runs when the budget is hit.
+        let retention = Retention {
+            max_bytes: Some(2 * (64 << 10)),
+            max_age: None,
+        };
+        let budget = Arc::new(DiskBudget::new(Some(4 * (64 << 10))));
+        let mut shard = open_small(dir.path(), retention, &budget);
+        shard.defer_deletions();
+        let mut freed_by_an_append = 0;
+        for i in 0..2000u32 {
+            let dropped = shard
+                .stats
+                .segments_dropped
+                .load(std::sync::atomic::Ordering::Relaxed);
+            shard
+                .append(&[NewRecord::new("guild.1", vec![i as u8; 4000])], 1)
+                .unwrap();
+            for roll in shard.take_rolls() {
+                let (base, freed) = (roll.base(), roll.freed());
+                shard.sealed(base, freed, roll.run());
+            }
+            if let Some(job) = shard.spare_job() {
+                shard.spare_made(Spare::create(&job.dir, job.capacity));
+            }
+            if shard
+                .stats
+                .segments_dropped
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > dropped
+            {
+                // Dropped by the append's own retention: nothing left for the sync
+                // thread, and the directory holds what the budget counts.
+                assert!(shard.take_deletions().is_empty());
+                assert_eq!(bytes_on_disk(shard.dir()), budget.used());
+                freed_by_an_append += 1;
+            }
+        }
+        assert!(freed_by_an_append > 3, "{freed_by_an_append}");
     }
 
     #[test]
