@@ -23,7 +23,11 @@
 //! pages again (a TLB shootdown per sync). Frames are encoded into a staging buffer
 //! instead and written with one `pwrite` per appended batch, which copies into the
 //! page cache directly; the read-only mapping sees the same pages. Until then, reads
-//! of staged frames come from the buffer.
+//! of staged frames come from the buffer, and reads of the batch written last come
+//! from the buffer it was written from: the append path reads the records just
+//! before the one it appends (skip pointers), and the first read of a page through
+//! the mapping faults and takes the page's lock, which the sync thread's write-back
+//! may hold for milliseconds.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -132,6 +136,10 @@ pub struct Segment {
     /// Frames encoded but not yet written: bytes `written..len` of the segment, at
     /// the start of the buffer (which may be longer: it is reused).
     staged: Vec<u8>,
+    /// The batch written last: bytes `recent_from..written` of the segment, at the
+    /// start of the buffer (`recent_from == usize::MAX`: none).
+    recent: Vec<u8>,
+    recent_from: usize,
     /// Makes the next write fail (tests of a failing device).
     #[cfg(test)]
     pub(crate) fail_next_write: bool,
@@ -310,6 +318,8 @@ impl Segment {
             len: SEGMENT_HEADER_LEN,
             written: SEGMENT_HEADER_LEN,
             staged: Vec::new(),
+            recent: Vec::new(),
+            recent_from: usize::MAX,
             #[cfg(test)]
             fail_next_write: false,
             synced_len: SEGMENT_HEADER_LEN,
@@ -356,6 +366,8 @@ impl Segment {
             len: file_len,
             written: file_len,
             staged: Vec::new(),
+            recent: Vec::new(),
+            recent_from: usize::MAX,
             #[cfg(test)]
             fail_next_write: false,
             synced_len: file_len,
@@ -422,6 +434,8 @@ impl Segment {
     pub fn data_from(&self, at: usize) -> &[u8] {
         if at >= self.written {
             &self.staged[at - self.written..self.len - self.written]
+        } else if at >= self.recent_from {
+            &self.recent[at - self.recent_from..self.written - self.recent_from]
         } else {
             &self.map[at..self.written]
         }
@@ -468,14 +482,31 @@ impl Segment {
                 std::io::Error::from_raw_os_error(5),
             ));
         }
+        let batch = self.len - self.written;
         self.file
-            .write_all_at(&self.staged[..self.len - self.written], self.written as u64)
+            .write_all_at(&self.staged[..batch], self.written as u64)
             .map_err(|e| IoError::new("writing segment", &self.path, e))?;
+        let from = self.written;
         self.written = self.len;
+        if batch <= MAX_KEPT_STAGING {
+            // The buffer just written holds the batch: it is the recent one now,
+            // and the last one is staged into next.
+            std::mem::swap(&mut self.staged, &mut self.recent);
+            self.recent_from = from;
+        } else {
+            self.forget_recent();
+            self.staged = Vec::new();
+        }
         if self.staged.len() > MAX_KEPT_STAGING {
             self.staged = Vec::new();
         }
         Ok(())
+    }
+
+    /// Reads of the batch written last go to the mapping from now on.
+    fn forget_recent(&mut self) {
+        self.recent = Vec::new();
+        self.recent_from = usize::MAX;
     }
 
     /// Forgets the staged frames (after a failed write).
@@ -504,13 +535,13 @@ impl Segment {
         self.synced_len < self.written
     }
 
-    /// What a sync started now covers: the file, and the bytes written to it so far
-    /// (see [`Segment::synced_to`]).
     /// The segment's file (shared).
     pub fn file(&self) -> Arc<File> {
         self.file.clone()
     }
 
+    /// What a sync started now covers: the file, and the bytes written to it so far
+    /// (see [`Segment::synced_to`]).
     pub fn sync_target(&self) -> (Arc<File>, usize) {
         (self.file.clone(), self.written)
     }
@@ -656,6 +687,7 @@ impl Segment {
         debug_assert_eq!(self.written, self.len, "a failed write stops appends");
         self.sync()?;
         self.staged = Vec::new();
+        self.forget_recent();
         let freed = (self.map.len() - self.len) as u64;
         if freed == 0 {
             return Ok(0);
@@ -686,6 +718,7 @@ impl Segment {
             None
         };
         self.staged = Vec::new();
+        self.forget_recent();
         Ok(Sealing {
             file: self.file.clone(),
             path: self.path.clone(),
@@ -883,6 +916,54 @@ mod tests {
         if let Some(release) = segment.release_cache(upto) {
             release.run();
         }
+    }
+
+    #[test]
+    fn the_batch_written_last_reads_from_memory_and_older_ones_from_the_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut segment = Segment::create(dir.path(), 0, 0, 8 << 20, 1).unwrap();
+        let in_map =
+            |segment: &Segment, bytes: &[u8]| segment.map.as_ptr_range().contains(&bytes.as_ptr());
+        let mut starts = Vec::new();
+        let sizes = [3000usize, 5000, 7000];
+        for (i, size) in sizes.into_iter().enumerate() {
+            starts.push(segment.len());
+            segment.reserve_staging(size);
+            segment.spare_mut()[..size].fill(i as u8 + 1);
+            segment.commit(size, 5);
+            // Staged: from the buffer, up to the end of the data.
+            let staged = segment.data_from(starts[i]);
+            assert_eq!(staged.len(), size);
+            assert!(!in_map(&segment, staged));
+            segment.write_staged().unwrap();
+            let mapped = segment.mapped()[starts[i]..segment.len()].to_vec();
+            // Just written: the same bytes, still from memory, up to the end of what
+            // is written.
+            let last = segment.data_from(starts[i] + 10);
+            assert_eq!(last, &mapped[10..]);
+            assert!(!in_map(&segment, last));
+            if i > 0 {
+                // The batch before: from the mapping, with the same bytes.
+                let before = segment.data_from(starts[i - 1]);
+                assert!(in_map(&segment, before));
+                assert!(before.len() > sizes[i - 1]);
+                assert!(before[..sizes[i - 1]].iter().all(|&b| b == i as u8));
+            }
+        }
+        // A failed write keeps the batch before readable, from memory.
+        segment.reserve_staging(100);
+        segment.spare_mut()[..100].fill(9);
+        segment.commit(100, 5);
+        segment.fail_next_write = true;
+        segment.write_staged().unwrap_err();
+        segment.discard_staged();
+        let last = segment.data_from(starts[2]);
+        assert_eq!(last.len(), 7000);
+        assert!(last.iter().all(|&b| b == 3) && !in_map(&segment, last));
+        // Sealing forgets it: the mapping holds it all.
+        segment.seal().unwrap();
+        let last = segment.data_from(starts[2]);
+        assert!(in_map(&segment, last) && last.len() == 7000 && last.iter().all(|&b| b == 3));
     }
 
     #[test]
