@@ -415,16 +415,21 @@ fn one_million_topics_round_trip_after_restart() {
     assert_eq!(again[0].offset, 1);
 }
 
-#[test]
-fn retention_by_size_drops_old_segments_and_expires_topics() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = small_config(dir.path());
+/// A store of one shard whose retention keeps four small segments.
+fn one_shard_keeping_four_segments(dir: &std::path::Path) -> Store {
+    let mut config = small_config(dir);
     config.shard_count = 1;
     config.retention = Retention {
         max_bytes: Some(4 * (64 << 10)),
         max_age: None,
     };
-    let store = Store::open(config).unwrap();
+    Store::open(config).unwrap()
+}
+
+#[test]
+fn retention_by_size_drops_old_segments_and_expires_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = one_shard_keeping_four_segments(dir.path());
     let old = store
         .append(vec![record("user.old", "gone soon")], Ack::Written)
         .unwrap();
@@ -496,13 +501,7 @@ fn deleted_files_held_open(dir: &std::path::Path) -> Vec<String> {
 #[test]
 fn segments_retention_drops_are_freed_by_the_shards_sync_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = small_config(dir.path());
-    config.shard_count = 1;
-    config.retention = Retention {
-        max_bytes: Some(4 * (64 << 10)),
-        max_age: None,
-    };
-    let store = Store::open(config).unwrap();
+    let store = one_shard_keeping_four_segments(dir.path());
     for i in 0..2000 {
         store
             .append(vec![record("guild.1", vec![i as u8; 500])], Ack::Written)

@@ -1269,6 +1269,14 @@ mod tests {
             .0
     }
 
+    /// Runs the rolls' work here, as the sync thread would.
+    fn seal_rolls(shard: &mut Shard) {
+        for roll in shard.take_rolls() {
+            let (base, freed) = (roll.base(), roll.freed());
+            shard.sealed(base, freed, roll.run());
+        }
+    }
+
     /// Bytes of the files in the shard's directory.
     fn bytes_on_disk(dir: &Path) -> u64 {
         std::fs::read_dir(dir)
@@ -1383,10 +1391,7 @@ mod tests {
             }
             assert!(shard.spare_job().is_none(), "asked once per segment");
         }
-        for roll in shard.take_rolls() {
-            let (base, freed) = (roll.base(), roll.freed());
-            shard.sealed(base, freed, roll.run());
-        }
+        seal_rolls(&mut shard);
         // The roll asked again; the next segment gets its own at half full only if
         // this one was not made. Made now, the second roll starts from it.
         let job = shard.spare_job().expect("the roll wants one");
@@ -1441,10 +1446,7 @@ mod tests {
             shard
                 .append(&[NewRecord::new("guild.1", vec![i as u8; 4000])], 1)
                 .unwrap();
-            for roll in shard.take_rolls() {
-                let (base, freed) = (roll.base(), roll.freed());
-                shard.sealed(base, freed, roll.run());
-            }
+            seal_rolls(&mut shard);
             if let Some(job) = shard.spare_job() {
                 shard.spare_made(Spare::create(&job.dir, job.capacity));
             }
@@ -1478,10 +1480,7 @@ mod tests {
             shard
                 .append(&[NewRecord::new("guild.1", vec![7u8; 500])], 1)
                 .unwrap();
-            for roll in shard.take_rolls() {
-                let (base, freed) = (roll.base(), roll.freed());
-                shard.sealed(base, freed, roll.run());
-            }
+            seal_rolls(&mut shard);
         }
         shard.discard_spare();
         let before: Vec<std::path::PathBuf> = shard

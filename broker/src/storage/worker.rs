@@ -251,15 +251,7 @@ impl Syncer {
     /// here when there is none.
     fn delete(&mut self, shard: &mut Shard) {
         for deletion in shard.take_deletions() {
-            let unsent = match &self.deletions {
-                Some(deletions) => match deletions.send(deletion) {
-                    Ok(()) => continue,
-                    Err(unsent) => unsent.0,
-                },
-                None => deletion,
-            };
-            self.deletions = None;
-            unsent.run();
+            send_or_run(&mut self.deletions, deletion, Deletion::run);
         }
     }
 
@@ -267,15 +259,7 @@ impl Syncer {
     /// page cache: on the sync thread, or here when there is none.
     fn release(&mut self, shard: &mut Shard) {
         for release in shard.release_page_cache() {
-            let unsent = match &self.releases {
-                Some(releases) => match releases.send(release) {
-                    Ok(()) => continue,
-                    Err(unsent) => unsent.0,
-                },
-                None => release,
-            };
-            self.releases = None;
-            unsent.run();
+            send_or_run(&mut self.releases, release, |release| release.run());
         }
     }
 
@@ -463,6 +447,24 @@ impl Drop for Syncer {
             let _ = thread.join();
         }
     }
+}
+
+/// Sends `work` to the sync thread on `channel`, or runs it here when the thread
+/// is gone (and forgets the channel).
+fn send_or_run<T>(
+    channel: &mut Option<crossbeam_channel::Sender<T>>,
+    work: T,
+    run: impl FnOnce(T),
+) {
+    let unsent = match channel {
+        Some(sender) => match sender.send(work) {
+            Ok(()) => return,
+            Err(unsent) => unsent.0,
+        },
+        None => work,
+    };
+    *channel = None;
+    run(unsent);
 }
 
 /// Answers appends waiting for a sync with its outcome: `Err(reason)` when the
