@@ -309,7 +309,7 @@ pub async fn throughput(
                 let body = payload(size);
                 let mut sent = 0u64;
                 while started.elapsed() < sizes.duration && sent < sizes.max_records {
-                    publisher.publish(&topic, vec![body.clone(); CHUNK]).await?;
+                    publisher.publish_copies(&topic, &body, CHUNK).await?;
                     sent += CHUNK as u64;
                 }
                 publisher.flush().await?;
@@ -509,7 +509,7 @@ pub async fn fanout(
             // Bounded so the subscribers can keep up: fan-out multiplies the work.
             let max = sizes.max_records / streams as u64;
             while started.elapsed() < sizes.duration && sent < max {
-                publisher.publish(&topic, vec![body.clone(); CHUNK]).await?;
+                publisher.publish_copies(&topic, &body, CHUNK).await?;
                 sent += CHUNK as u64;
             }
             publisher.flush().await?;
@@ -723,7 +723,7 @@ pub async fn filters(systems: &Systems, sizes: &Sizes, results: &mut Results) ->
             );
             let cpu_before = cpu(systems, kind);
             let started = Instant::now();
-            publisher.publish_records(vec![event(0)]).await?;
+            publisher.publish_records(&[event(0)]).await?;
             publisher.flush().await?;
             // Wait until the first event's deliveries stop growing.
             let mut per_event_deliveries = 0;
@@ -741,7 +741,7 @@ pub async fn filters(systems: &Systems, sizes: &Sizes, results: &mut Results) ->
             let events = sizes.filter_events;
             let timed = Instant::now();
             for n in 1..events {
-                publisher.publish_records(vec![event(n)]).await?;
+                publisher.publish_records(&[event(n)]).await?;
             }
             publisher.flush().await?;
             expected.send_replace(per_event_deliveries * events);

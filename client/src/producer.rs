@@ -326,12 +326,16 @@ impl Producer {
     /// This is the fast path for producers that have many records at hand: no
     /// per-record bookkeeping. Every record is checked first; if one is invalid,
     /// nothing is sent and that record's error is returned.
-    pub async fn send_batch(&self, records: Vec<Record>) -> Result<PendingBatch, ClientError> {
-        for record in &records {
+    ///
+    /// The records are borrowed: they are written into requests here, and what
+    /// travels (and is resent after a reconnect) is that written form. A producer
+    /// may send the same records again, or refill its vector, without cloning.
+    pub async fn send_batch(&self, records: &[Record]) -> Result<PendingBatch, ClientError> {
+        for record in records {
             check_record(record)?;
         }
         let mut parts = Vec::new();
-        let mut rest = records.as_slice();
+        let mut rest = records;
         while !rest.is_empty() {
             // As many records as the batch limits allow (at least one), in a
             // buffer of exactly their wire size.

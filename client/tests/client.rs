@@ -149,7 +149,7 @@ async fn send_batch_sends_in_order_after_earlier_records_and_checks_every_record
         .map(|i| Record::new(format!("guild.{}", 1 + i % 2), i.to_string()))
         .collect();
     let positions = tokio::time::timeout(Duration::from_secs(10), async {
-        producer.send_batch(records).await.unwrap().await.unwrap()
+        producer.send_batch(&records).await.unwrap().await.unwrap()
     })
     .await
     .expect("a batch does not wait for the linger time");
@@ -160,12 +160,19 @@ async fn send_batch_sends_in_order_after_earlier_records_and_checks_every_record
         let expected = if i % 2 == 0 { 1 + i / 2 } else { i / 2 };
         assert_eq!(position.offset, expected as u64, "record {i}");
     }
+    // The same records again (borrowed, not consumed): they follow the first copies.
+    let again = producer.send_batch(&records).await.unwrap().await.unwrap();
+    for (i, position) in again.iter().enumerate() {
+        let expected = if i % 2 == 0 {
+            1_251 + i / 2
+        } else {
+            1_250 + i / 2
+        };
+        assert_eq!(position.offset, expected as u64, "record {i} sent again");
+    }
     // One bad record: an error naming it, and nothing of the batch is sent.
     let error = producer
-        .send_batch(vec![
-            Record::new("guild.3", "ok"),
-            Record::new("guild 3", "bad"),
-        ])
+        .send_batch(&[Record::new("guild.3", "ok"), Record::new("guild 3", "bad")])
         .await
         .unwrap_err();
     assert!(
@@ -173,7 +180,7 @@ async fn send_batch_sends_in_order_after_earlier_records_and_checks_every_record
         "{error}"
     );
     let after = producer
-        .send_batch(vec![Record::new("guild.3", "after")])
+        .send_batch(&[Record::new("guild.3", "after")])
         .await
         .unwrap()
         .await
@@ -200,7 +207,7 @@ async fn next_events_hands_out_what_arrived_together_in_order_with_next() {
     let records: Vec<Record> = (0..3_000u32)
         .map(|i| Record::new("guild.1", i.to_string()))
         .collect();
-    producer.send_batch(records).await.unwrap().await.unwrap();
+    producer.send_batch(&records).await.unwrap().await.unwrap();
     // `next` and `next_events` mixed: every record once, in order.
     let mut offsets = Vec::new();
     let mut batches = 0;
@@ -299,7 +306,7 @@ async fn refused_batches_wait_out_their_backoffs_together_and_then_fail_with_the
     let mut pending = Vec::new();
     for i in 0..8 {
         let record = Record::new(format!("guild.{i}"), vec![1u8; 200 << 10]);
-        pending.push(producer.send_batch(vec![record]).await.unwrap());
+        pending.push(producer.send_batch(&[record]).await.unwrap());
     }
     for batch in pending {
         match batch.await.unwrap_err() {
@@ -587,7 +594,7 @@ async fn topics_headers_and_ids_arrive_as_sent_and_each_subscription_resumes_fro
         .await
         .unwrap();
     producer
-        .send_batch((0..300).map(record).collect())
+        .send_batch(&(0..300).map(record).collect::<Vec<_>>())
         .await
         .unwrap()
         .await
@@ -634,7 +641,7 @@ async fn topics_headers_and_ids_arrive_as_sent_and_each_subscription_resumes_fro
         .await
         .unwrap();
     producer
-        .send_batch((300..320).map(record).collect())
+        .send_batch(&(300..320).map(record).collect::<Vec<_>>())
         .await
         .unwrap()
         .await

@@ -414,15 +414,32 @@ impl Publisher {
         }
     }
 
+    /// Sends `count` records of the same `payload` to `topic`: the load of the
+    /// throughput and fan-out scenarios, made with as little of the load
+    /// generator's CPU as each client allows.
+    pub async fn publish_copies(
+        &mut self,
+        topic: &str,
+        payload: &Bytes,
+        count: usize,
+    ) -> Result<()> {
+        match self {
+            Publisher::Switchyard(p) => p.publish_copies(topic, payload, count).await,
+            Publisher::Nats(p) => p.publish_copies(topic, payload, count).await,
+            Publisher::JetStream(p) => p.publish_copies(topic, payload, count).await,
+            Publisher::Redis(p) => p.publish_copies(topic, payload, count).await,
+        }
+    }
+
     /// Sends one payload to each of many topics (system-specific names).
     pub async fn publish_many(&mut self, records: Vec<(String, Bytes)>) -> Result<()> {
         match self {
             Publisher::Switchyard(p) => {
-                let records = records
+                let records: Vec<_> = records
                     .into_iter()
                     .map(|(topic, payload)| switchyard_client::Record::new(topic, payload))
                     .collect();
-                p.publish_records(records).await
+                p.publish_records(&records).await
             }
             Publisher::Nats(p) => {
                 for (subject, payload) in records {

@@ -77,6 +77,23 @@ impl CorePublisher {
         Ok(())
     }
 
+    /// `count` messages of `payload` (the client takes each by value: one
+    /// reference-count increment per message).
+    pub async fn publish_copies(
+        &mut self,
+        subject: &str,
+        payload: &Bytes,
+        count: usize,
+    ) -> Result<()> {
+        let subject = async_nats::Subject::from(subject);
+        for _ in 0..count {
+            self.client
+                .publish(subject.clone(), payload.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn flush(&mut self) -> Result<()> {
         self.client.flush().await?;
         Ok(())
@@ -105,12 +122,30 @@ impl JetStreamPublisher {
     pub async fn publish(&mut self, subject: &str, payloads: Vec<Bytes>) -> Result<()> {
         let subject = async_nats::Subject::from(subject);
         for payload in payloads {
-            if self.pending.len() >= JS_IN_FLIGHT {
-                self.pending.pop_front().expect("full").await?;
-            }
-            self.pending
-                .push_back(self.context.publish(subject.clone(), payload).await?);
+            self.publish_one(&subject, payload).await?;
         }
+        Ok(())
+    }
+
+    pub async fn publish_copies(
+        &mut self,
+        subject: &str,
+        payload: &Bytes,
+        count: usize,
+    ) -> Result<()> {
+        let subject = async_nats::Subject::from(subject);
+        for _ in 0..count {
+            self.publish_one(&subject, payload.clone()).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_one(&mut self, subject: &async_nats::Subject, payload: Bytes) -> Result<()> {
+        if self.pending.len() >= JS_IN_FLIGHT {
+            self.pending.pop_front().expect("full").await?;
+        }
+        self.pending
+            .push_back(self.context.publish(subject.clone(), payload).await?);
         Ok(())
     }
 

@@ -71,6 +71,15 @@ impl Publisher {
         self.send(pipe).await
     }
 
+    /// `count` commands with `payload`, in one pipeline.
+    pub async fn publish_copies(&mut self, key: &str, payload: &Bytes, count: usize) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for _ in 0..count {
+            self.command(&mut pipe, key, payload);
+        }
+        self.send(pipe).await
+    }
+
     /// One payload to each of many channels or keys, in one pipeline.
     pub async fn publish_many(&mut self, records: Vec<(String, Bytes)>) -> Result<()> {
         let mut pipe = redis::pipe();

@@ -112,6 +112,9 @@ impl Drop for Server {
 pub struct Publisher {
     producer: Producer,
     pending: std::collections::VecDeque<PendingBatch>,
+    /// The records last sent by [`Publisher::publish_copies`], sent again as they
+    /// are while topic, payload and count stay the same.
+    copies: Vec<Record>,
 }
 
 /// Batches sent and not yet acknowledged, at most: 256 batches of 1,000 records
@@ -135,18 +138,41 @@ impl Publisher {
         Ok(Publisher {
             producer: Producer::connect(address, config).await?,
             pending: Default::default(),
+            copies: Vec::new(),
         })
     }
 
     pub async fn publish(&mut self, topic: &str, payloads: Vec<Bytes>) -> Result<()> {
-        let records = payloads
+        let records: Vec<Record> = payloads
             .into_iter()
             .map(|payload| Record::new(topic, payload))
             .collect();
-        self.publish_records(records).await
+        self.publish_records(&records).await
     }
 
-    pub async fn publish_records(&mut self, records: Vec<Record>) -> Result<()> {
+    /// Sends `count` records of `payload` to `topic`, built once and borrowed by
+    /// the client for every batch after.
+    pub async fn publish_copies(
+        &mut self,
+        topic: &str,
+        payload: &Bytes,
+        count: usize,
+    ) -> Result<()> {
+        let same = self.copies.len() == count
+            && self
+                .copies
+                .first()
+                .is_some_and(|first| first.topic == topic && first.payload == *payload);
+        if !same {
+            self.copies = vec![Record::new(topic, payload.clone()); count];
+        }
+        let copies = std::mem::take(&mut self.copies);
+        let sent = self.publish_records(&copies).await;
+        self.copies = copies;
+        sent
+    }
+
+    pub async fn publish_records(&mut self, records: &[Record]) -> Result<()> {
         if self.pending.len() >= IN_FLIGHT {
             let oldest = self.pending.pop_front().expect("full");
             oldest.await?;
