@@ -162,6 +162,7 @@ async fn send_batch_sends_in_order_after_earlier_records_and_checks_every_record
     }
     // The same records again (borrowed, not consumed): they follow the first copies.
     let again = producer.send_batch(&records).await.unwrap().await.unwrap();
+    assert_eq!(again.len(), 2_500);
     for (i, position) in again.iter().enumerate() {
         let expected = if i % 2 == 0 {
             1_251 + i / 2

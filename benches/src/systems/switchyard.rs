@@ -112,9 +112,6 @@ impl Drop for Server {
 pub struct Publisher {
     producer: Producer,
     pending: std::collections::VecDeque<PendingBatch>,
-    /// The records last sent by [`Publisher::publish_copies`], sent again as they
-    /// are while topic, payload and count stay the same.
-    copies: Vec<Record>,
 }
 
 /// Batches sent and not yet acknowledged, at most: 256 batches of 1,000 records
@@ -138,7 +135,6 @@ impl Publisher {
         Ok(Publisher {
             producer: Producer::connect(address, config).await?,
             pending: Default::default(),
-            copies: Vec::new(),
         })
     }
 
@@ -150,26 +146,21 @@ impl Publisher {
         self.publish_records(&records).await
     }
 
-    /// Sends `count` records of `payload` to `topic`, built once and borrowed by
-    /// the client for every batch after.
+    /// Sends `count` records of `payload` to `topic`. The records are built for
+    /// each batch, as a producer with a new event each time builds them: reusing
+    /// one vector (`send_batch` borrows it) would spare this load generator work
+    /// that a real producer does and that the peers' load generators still do per
+    /// message.
     pub async fn publish_copies(
         &mut self,
         topic: &str,
         payload: &Bytes,
         count: usize,
     ) -> Result<()> {
-        let same = self.copies.len() == count
-            && self
-                .copies
-                .first()
-                .is_some_and(|first| first.topic == topic && first.payload == *payload);
-        if !same {
-            self.copies = vec![Record::new(topic, payload.clone()); count];
-        }
-        let copies = std::mem::take(&mut self.copies);
-        let sent = self.publish_records(&copies).await;
-        self.copies = copies;
-        sent
+        let records: Vec<Record> = (0..count)
+            .map(|_| Record::new(topic, payload.clone()))
+            .collect();
+        self.publish_records(&records).await
     }
 
     pub async fn publish_records(&mut self, records: &[Record]) -> Result<()> {
