@@ -415,8 +415,9 @@ impl Publisher {
     }
 
     /// Sends `count` records of the same `payload` to `topic`: the load of the
-    /// throughput and fan-out scenarios, made with as little of the load
-    /// generator's CPU as each client allows.
+    /// throughput and fan-out scenarios. No vector of payload clones; each
+    /// publisher does per message what its client needs for a new message (a
+    /// payload clone; for Switchyard, a `Record` per message, built per batch).
     pub async fn publish_copies(
         &mut self,
         topic: &str,
