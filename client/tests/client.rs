@@ -575,7 +575,7 @@ async fn topics_headers_and_ids_arrive_as_sent_and_each_subscription_resumes_fro
     let url = broker.url();
     // Runs of one topic and single records, mixed; some with headers.
     let topic_of = |i: u32| {
-        if (i / 7) % 2 == 0 || i % 5 == 0 {
+        if (i / 7).is_multiple_of(2) || i.is_multiple_of(5) {
             "guild.1"
         } else {
             "guild.2"

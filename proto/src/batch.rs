@@ -235,7 +235,7 @@ pub(crate) mod tests {
         let big = [0, 1, 127, 128, 16_383, 16_384, u64::MAX, 1 << 35];
         let pick = |n: u64| big[(seed.wrapping_mul(n) % big.len() as u64) as usize];
         Delivery {
-            topic: if seed % 7 == 0 {
+            topic: if seed.is_multiple_of(7) {
                 String::new()
             } else {
                 format!("guild.{}", pick(3))

@@ -124,7 +124,7 @@ impl Context {
         let hash = hasher.finish();
         let mut interned = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
         // Every so often, forget contexts nobody holds any more.
-        if NEXT_CONTEXT.load(Ordering::Relaxed) % 4096 == 0 {
+        if NEXT_CONTEXT.load(Ordering::Relaxed).is_multiple_of(4096) {
             interned.retain(|_, same| {
                 same.retain(|weak| weak.strong_count() > 0);
                 !same.is_empty()

@@ -335,12 +335,12 @@ pub fn recover_shard(
         }
         // After an unclean stop, or when frames were cut, make sure nothing but zeroes
         // follows the data in the segment that will be written next.
-        if !clean || stopped != kept_end || !newest {
-            if let Some(last_nonzero) = segment.last_nonzero_from(kept_end) {
-                report.truncated_bytes = (last_nonzero + 1 - kept_end) as u64;
-                tracing::warn!(file = %path.display(), cut_at = kept_end, bytes = report.truncated_bytes, "cut an unfinished tail from an unsealed segment");
-                segment.zero_tail()?;
-            }
+        if (!clean || stopped != kept_end || !newest)
+            && let Some(last_nonzero) = segment.last_nonzero_from(kept_end)
+        {
+            report.truncated_bytes = (last_nonzero + 1 - kept_end) as u64;
+            tracing::warn!(file = %path.display(), cut_at = kept_end, bytes = report.truncated_bytes, "cut an unfinished tail from an unsealed segment");
+            segment.zero_tail()?;
         }
         if !newest {
             // The segment's seal never finished and its data ends short of the next
