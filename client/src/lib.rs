@@ -76,6 +76,7 @@ async fn connect_channel(address: &str) -> Result<Channel, ClientError> {
     Ok(endpoint
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        .max_frame_size(switchyard_proto::MAX_FRAME_BYTES)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)

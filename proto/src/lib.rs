@@ -31,6 +31,15 @@ pub use publish::{
 pub use read::{ReceivedDelivery, SubscriptionIds, Topic, read_deliveries, read_deliveries_as};
 pub use wire::WireError;
 
+/// Largest HTTP/2 frame each side accepts (`SETTINGS_MAX_FRAME_SIZE`; the broker's
+/// server and the client both advertise it). At HTTP/2's default of 16 KiB, a batch
+/// of 1,000 100-byte records (~120 KB) leaves in eight frames, each its own `writev`
+/// and each waking the reader on the other side; in one frame it is one write and
+/// one wake-up. Frames of different streams on a connection take turns whole, so
+/// this also bounds how long one stream's batch holds the others back (1 MiB: about
+/// a millisecond on loopback).
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -114,6 +114,7 @@ pub async fn run(
     let serving = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_frame_size(switchyard_proto::MAX_FRAME_BYTES)
         .add_service(service)
         .serve_with_incoming_shutdown(accept(listener), shutdown);
     // Streams end on their own at shutdown; a connection that still does not close
