@@ -36,8 +36,10 @@ pub use wire::WireError;
 /// of 1,000 100-byte records (~120 KB) leaves in eight frames, each its own `writev`
 /// and each waking the reader on the other side; in one frame it is one write and
 /// one wake-up. Frames of different streams on a connection take turns whole, so
-/// this also bounds how long one stream's batch holds the others back (1 MiB: about
-/// a millisecond on loopback).
+/// this also bounds how long one stream's batch holds the others back (1 MiB: at
+/// most about a millisecond on loopback). The cost: a reader reserves room for a
+/// whole frame once its header has arrived, so a peer can make a connection hold up
+/// to 1 MiB instead of 16 KiB.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 #[cfg(test)]
