@@ -591,18 +591,26 @@ fn durable_acks_wait_for_a_sync_under_every_policy() {
 async fn async_appends_and_reads_wait_without_blocking_the_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = small_config(dir.path());
-    // A queue of one command: concurrent producers find it full and must wait.
+    // A queue of one command for the shard's thread: concurrent readers find it
+    // full and must wait; appends (on the tasks' threads, under the shard's lock)
+    // go on between the reads.
     config.shard_queue_depth = 1;
     let store = Store::open(config).unwrap();
     let tasks: Vec<_> = (0..64)
         .map(|i| {
             let store = store.clone();
             tokio::spawn(async move {
-                store
+                let offset = store
                     .append_async(vec![record("guild.1", format!("{i}"))], Ack::Durable)
                     .await
                     .unwrap()[0]
-                    .offset
+                    .offset;
+                let read = store
+                    .read_async("guild.1", offset, ReadLimits::default())
+                    .await
+                    .unwrap();
+                assert_eq!(read.records[0].payload, format!("{i}").as_bytes());
+                offset
             })
         })
         .collect();

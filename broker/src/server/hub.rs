@@ -1,8 +1,8 @@
 //! The subscription hub: which subscriber streams follow which topics, and the live
 //! tail that feeds them.
 //!
-//! The hub is the store's [`AppendObserver`]: each shard's writer thread hands it the
-//! records it has just appended, in log order, and the hub queues one event per
+//! The hub is the store's [`AppendObserver`]: each append hands it, under its shard's
+//! lock, the records just appended, in log order, and the hub queues one event per
 //! following stream for the whole batch: the runs of records in a row the stream
 //! follows, each naming that stream's subscriptions (send once per edge; the edge
 //! fans out). The hub never blocks the writer: a stream's queue is unbounded
@@ -284,7 +284,7 @@ impl SubscriptionHub {
     }
 
     /// Starts delivering `topic`'s new records to subscription `id` of `sink`. Call it
-    /// on the shard's thread, so that no append falls between reading the topic's
+    /// on the shard's thread (which holds the shard's lock), so that no append falls between reading the topic's
     /// next offset and this.
     pub fn follow(
         &self,

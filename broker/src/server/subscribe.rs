@@ -1,7 +1,7 @@
 //! One subscriber stream: subscriptions come and go on it, deliveries go out batched.
 //!
 //! Joining the live tail without a gap or a repeat: a subscription is registered
-//! with the hub on its shard's own thread, in the same step that reads the topic's
+//! with the hub on its shard's own thread, under the shard's lock, in the same step that reads the topic's
 //! next offset `N`, so every record from `N` on reaches the stream live. Records
 //! before `N` that the start position asks for are replayed from the log; live
 //! records for the subscription that arrive meanwhile are held back and delivered
@@ -528,7 +528,7 @@ impl SubscriberStream {
     }
 
     /// Validates the start, reads the topic's state and follows it, in one step on
-    /// its shard's thread: no append can fall in between. Gives the shard, the
+    /// its shard's thread, under the shard's lock: no append can fall in between. Gives the shard, the
     /// first position to deliver and the topic's next offset.
     fn join(
         &self,

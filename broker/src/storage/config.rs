@@ -56,7 +56,9 @@ pub struct StoreConfig {
     /// Total bytes of segment files the store may reserve, across shards. Appends that
     /// would need more fail with [`crate::storage::AppendError::DiskBudgetExceeded`].
     pub disk_budget_bytes: Option<u64>,
-    /// Commands waiting for a shard before producers block (back-pressure).
+    /// Operations (reads, subscriptions' starts, counts) waiting for a shard's thread
+    /// before their callers wait. Appends do not queue: they run on the caller's
+    /// thread, under the shard's lock.
     pub shard_queue_depth: usize,
     /// A page-cache window per shard: after each sync, synced data more than this
     /// many bytes behind the shard's newest synced byte is dropped from the page

@@ -8,7 +8,7 @@
 //! - [`registry`]: the packed open-addressing table mapping a topic to its latest record.
 //! - [`shard`]: the single-writer shard — append, read, recovery, retention, epochs.
 //! - `skips`: where busy topics' long skip pointers lead, so appends read no old records.
-//! - [`worker`]: the thread that owns a shard and runs group commit.
+//! - [`worker`]: a shard behind its lock, its threads, and group commit.
 //! - [`observer`]: the hook that tells of every append (the live tail).
 //! - [`store`]: the public entry point — a data directory of shards behind one handle.
 //! - [`manifest`]: the data directory's manifest and generation state files.

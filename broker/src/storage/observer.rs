@@ -3,7 +3,7 @@
 use crate::storage::record::NewRecord;
 use crate::storage::shard::Appended;
 
-/// Told of every append, on the shard's writer thread, right after the records are
+/// Told of every append, on the appending thread under the shard's lock, right after the records are
 /// in the log and before the append is acknowledged: calls for one shard come in log
 /// order, so an observer sees each topic's records in offset order. It must not
 /// block: it runs on the append path. It is handed the records themselves (the

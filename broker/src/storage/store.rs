@@ -1,5 +1,5 @@
-//! The store: a data directory of shards, each owned by its own writer thread, behind
-//! one cloneable handle.
+//! The store: a data directory of shards, each behind its own lock and with its own
+//! threads, behind one cloneable handle.
 //!
 //! ```no_run
 //! use switchyard_broker::storage::{Ack, NewRecord, ReadLimits, Store, StoreConfig};
@@ -39,7 +39,7 @@ use crate::storage::shard::{
 };
 use crate::storage::stats::{ShardStats, StatsSnapshot};
 use crate::storage::topic::shard_for_topic;
-use crate::storage::worker::{self, Command};
+use crate::storage::worker::{self, Answer, Command, ShardCell};
 
 /// When an append is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,6 +56,9 @@ pub enum Ack {
 struct Inner {
     config: StoreConfig,
     shard_count: u32,
+    /// Appends go straight to a shard's cell, under its lock.
+    cells: Vec<Arc<ShardCell>>,
+    /// The other operations go to a shard's thread.
     senders: Vec<Sender<Command>>,
     stats: Vec<Arc<ShardStats>>,
     reports: Vec<RecoveryReport>,
@@ -155,21 +158,21 @@ impl Store {
             .encode(),
         )?;
         let observer: Arc<OnceLock<Arc<dyn AppendObserver>>> = Arc::new(OnceLock::new());
+        let mut cells = Vec::new();
         let mut senders = Vec::new();
         let mut stats = Vec::new();
         let mut reports = Vec::new();
         let mut threads = Vec::new();
         for (mut shard, report, shard_stats) in opened {
             shard.set_epoch_floor(epoch_floor);
-            let (sender, receiver) = crossbeam_channel::bounded(config.shard_queue_depth);
-            let fsync = config.fsync;
-            let thread = std::thread::Builder::new()
-                .name(format!("shard-{}", shard.id()))
-                .spawn({
-                    let observer = observer.clone();
-                    move || worker::run(shard, receiver, fsync, observer)
-                })
-                .map_err(|e| IoError::new("starting shard thread for", &dir, e))?;
+            let (cell, sender, thread) = worker::spawn(
+                shard,
+                config.fsync,
+                observer.clone(),
+                config.shard_queue_depth,
+            )
+            .map_err(|e| IoError::new("starting shard thread for", &dir, e))?;
+            cells.push(cell);
             senders.push(sender);
             stats.push(shard_stats);
             reports.push(report);
@@ -188,6 +191,7 @@ impl Store {
             inner: Arc::new(Inner {
                 config,
                 shard_count: manifest.shard_count,
+                cells,
                 senders,
                 stats,
                 reports,
@@ -328,54 +332,35 @@ impl Store {
             .collect())
     }
 
-    /// Hands `records` to their shards and returns a handle to wait on.
+    /// Appends `records` to their shards and returns a handle to wait on for the
+    /// acknowledgement.
     ///
     /// A batch whose records all live in one shard is written contiguously and
     /// becomes durable as one. A batch spanning shards is checked whole first (a bad
     /// record refuses all of it); each shard's part is then atomic, but a disk error in
-    /// one shard does not undo the others. Blocks while a shard's queue is full (use
-    /// [`Store::submit_async`] in async code).
+    /// one shard does not undo the others. The append runs on the calling thread,
+    /// under the shard's lock (a copy into the mapped segment: microseconds); it
+    /// waits while the shard's thread runs an operation (a read) on the shard.
     pub fn submit(&self, records: Vec<NewRecord>, ack: Ack) -> Result<PendingAppend, AppendError> {
         let count = records.len();
         let mut waits = Vec::new();
         for (shard, indexes, records) in self.partition(records)? {
-            let (reply, receiver) = oneshot::channel();
-            self.inner.senders[shard as usize]
-                .send(Command::Append {
-                    records,
-                    ack,
-                    reply,
-                })
-                .map_err(|_| AppendError::Closed)?;
-            waits.push((indexes, receiver));
+            match self.inner.cells[shard as usize].append(records, ack) {
+                Answer::Now(Err(AppendError::Closed)) => return Err(AppendError::Closed),
+                answer => waits.push((indexes, answer)),
+            }
         }
         Ok(PendingAppend { count, waits })
     }
 
-    /// [`Store::submit`] for async code: when a shard's queue is full it waits without
-    /// blocking the runtime's threads.
+    /// [`Store::submit`] for async code (the same call: appending does not wait for
+    /// the disk).
     pub async fn submit_async(
         &self,
         records: Vec<NewRecord>,
         ack: Ack,
     ) -> Result<PendingAppend, AppendError> {
-        let count = records.len();
-        let mut waits = Vec::new();
-        for (shard, indexes, records) in self.partition(records)? {
-            let (reply, receiver) = oneshot::channel();
-            send_async(
-                &self.inner.senders[shard as usize],
-                Command::Append {
-                    records,
-                    ack,
-                    reply,
-                },
-            )
-            .await
-            .map_err(|()| AppendError::Closed)?;
-            waits.push((indexes, receiver));
-        }
-        Ok(PendingAppend { count, waits })
+        self.submit(records, ack)
     }
 
     /// [`Store::append`] for async code.
@@ -614,14 +599,12 @@ async fn send_async(sender: &Sender<Command>, command: Command) -> Result<(), ()
     }
 }
 
-type AppendReceiver = oneshot::Receiver<Result<Vec<Appended>, AppendError>>;
-
 /// An append handed to the shards; wait for its acknowledgement.
 #[derive(Debug)]
 pub struct PendingAppend {
     count: usize,
-    /// Per shard: the indexes of its records in the batch, and its reply.
-    waits: Vec<(Vec<usize>, AppendReceiver)>,
+    /// Per shard: the indexes of its records in the batch, and its answer.
+    waits: Vec<(Vec<usize>, Answer)>,
 }
 
 impl PendingAppend {
@@ -648,13 +631,14 @@ impl PendingAppend {
     /// [`PendingAppend::wait_async`] there.
     pub fn wait(self) -> Result<Vec<Appended>, AppendError> {
         let mut parts = Vec::with_capacity(self.waits.len());
-        for (indexes, receiver) in self.waits {
-            parts.push((
-                indexes,
-                receiver
-                    .blocking_recv()
-                    .map_err(|_| AppendError::Closed)??,
-            ));
+        for (indexes, answer) in self.waits {
+            let result = match answer {
+                Answer::Now(result) => result,
+                Answer::Later(receiver) => {
+                    receiver.blocking_recv().map_err(|_| AppendError::Closed)?
+                }
+            };
+            parts.push((indexes, result?));
         }
         Ok(Self::assemble(self.count, parts))
     }
@@ -662,8 +646,12 @@ impl PendingAppend {
     /// Waits asynchronously until every shard has acknowledged.
     pub async fn wait_async(self) -> Result<Vec<Appended>, AppendError> {
         let mut parts = Vec::with_capacity(self.waits.len());
-        for (indexes, receiver) in self.waits {
-            parts.push((indexes, receiver.await.map_err(|_| AppendError::Closed)??));
+        for (indexes, answer) in self.waits {
+            let result = match answer {
+                Answer::Now(result) => result,
+                Answer::Later(receiver) => receiver.await.map_err(|_| AppendError::Closed)?,
+            };
+            parts.push((indexes, result?));
         }
         Ok(Self::assemble(self.count, parts))
     }

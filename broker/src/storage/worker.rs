@@ -1,8 +1,10 @@
-//! The thread that owns a shard: it takes commands from a bounded queue, appends, and
-//! runs group commit — appends that arrive together share one sync, which runs on
-//! the shard's sync thread while the next appends go on.
+//! A shard's threads and group commit. Appends run on the caller's thread under the
+//! shard's lock ([`ShardCell::append`]); the shard's own thread takes the other
+//! commands from a bounded queue and keeps the sync timer; appends that arrive
+//! together share one sync, which runs on the shard's sync thread while the next
+//! appends go on.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::Receiver;
@@ -17,21 +19,17 @@ use crate::storage::segment::{CacheRelease, Spare};
 use crate::storage::shard::{Appended, Shard};
 use crate::storage::store::Ack;
 
-/// Most commands handled between two syncs.
+/// Most commands handled in one turn of the shard's thread.
 const MAX_GROUP: usize = 256;
 /// How often retention is checked.
 const RETENTION_EVERY: Duration = Duration::from_secs(1);
 
-pub(crate) type AppendReply = oneshot::Sender<Result<Vec<Appended>, AppendError>>;
+type AppendReply = oneshot::Sender<Result<Vec<Appended>, AppendError>>;
 
 /// Work for a shard's thread.
 pub(crate) enum Command {
-    Append {
-        records: Vec<NewRecord>,
-        ack: Ack,
-        reply: AppendReply,
-    },
-    /// Any other operation, run on the shard's thread with exclusive access.
+    /// An operation (a read, a subscription's start, a count), run on the shard's
+    /// thread with exclusive access (appends wait for it).
     Run(Box<dyn FnOnce(&mut Shard) + Send>),
     /// Sync and stop. (A plain channel: closing must work from any thread, async
     /// runtimes included.)
@@ -75,8 +73,8 @@ const RELEASE_PIECE: u64 = 1 << 20;
 /// looks for a sync to run first.
 const DELETE_PIECE: u64 = 4 << 20;
 
-/// The shard's sync thread: it runs one sync at a time while the shard's thread
-/// goes on appending (and delivering live records), so that no append — and no
+/// The shard's sync thread: it runs one sync at a time while appends (and their
+/// live deliveries) go on, so that no append — and no
 /// live delivery — waits behind an `fdatasync`, which takes 1–13 ms on the
 /// benchmark machine's disk. Appends that need a sync wait for the first one that
 /// starts after them; the next sync starts when the running one ends.
@@ -124,8 +122,8 @@ impl Syncer {
                 spare_out: false,
             },
             Err(error) => {
-                // Syncs then run on the shard's own thread, as they did before.
-                tracing::warn!(shard, %error, "no sync thread; the shard syncs on its own thread");
+                // Syncs then run on the thread that finds them due (see `lost`).
+                tracing::warn!(shard, %error, "no sync thread; the shard syncs without it");
                 Syncer {
                     jobs: None,
                     finished: crossbeam_channel::never(),
@@ -296,12 +294,13 @@ impl Syncer {
 
 impl Syncer {
     /// The sync thread is gone (a panic): the running sync's appends are refused,
-    /// since nothing says their data is on disk, and syncs run on the shard's thread
-    /// from now on.
+    /// since nothing says their data is on disk, and from now on syncs, rolls and
+    /// deletions run on the thread that finds them due (the shard's, or an
+    /// appender's: a degraded mode, not a fast one).
     fn lost(&mut self, shard: &mut Shard) {
         tracing::error!(
             shard = shard.id(),
-            "the sync thread stopped; the shard syncs on its own thread"
+            "the sync thread stopped; the shard syncs without it"
         );
         self.jobs = None;
         self.releases = None;
@@ -362,7 +361,7 @@ fn sync_thread(
     };
     // Before each piece of a release or a deletion: the work asked for meanwhile,
     // then a spare file asked for meanwhile (a roll without one makes its own
-    // file on the shard's thread).
+    // file on the appending thread).
     let catch_up = |spares: &mut Vec<SpareJob>| {
         while let Ok(item) = work.try_recv() {
             if !run(item, spares) {
@@ -491,140 +490,155 @@ fn failed(shard: &Shard) -> Option<String> {
         .map(|reason| format!("the shard failed earlier: {reason}"))
 }
 
-/// The last sync, when the shard stops: waits for the running one, syncs the rest
-/// and answers every append still waiting.
-fn close(shard: &mut Shard, syncer: &mut Syncer, waiting: &mut Vec<Waiter>) -> Result<(), IoError> {
-    // The sync thread finishes them before it ends (dropping the syncer waits).
-    syncer.delete(shard);
-    syncer.settle(shard);
-    shard.discard_spare();
-    // Also runs the rolls not handed out.
-    let synced = shard.sync();
-    // A shard that failed a sync earlier must not let the store be marked clean: a
-    // later sync can succeed although the earlier data was dropped.
-    let result = match (synced, failed(shard)) {
-        (Ok(()), Some(reason)) => Err(IoError::new(
-            "closing shard",
-            shard.dir(),
-            std::io::Error::other(reason),
-        )),
-        (result, _) => result,
-    };
-    match &result {
-        Ok(()) => answer(waiting.drain(..), Ok(()), shard.id()),
-        Err(error) => answer(waiting.drain(..), Err(&error.to_string()), shard.id()),
-    }
-    result
-}
-
-/// What woke the shard's thread.
-enum Event {
-    Command(Command),
-    Done(Done),
-    SyncerGone,
-    Timeout,
-    Disconnected,
-}
-
-/// Runs the shard until it is told to stop or every sender is gone.
-pub(crate) fn run(
-    mut shard: Shard,
-    commands: Receiver<Command>,
+/// A shard and the state of its group commit, shared by the shard's thread and the
+/// appenders. Appends run on the caller's thread (a connection's task), under the
+/// lock: a record goes from the socket into the segment and on to its subscribers'
+/// queues without waking another thread — on the two-core benchmark machine each
+/// hand-off to the shard's thread and back was a wake-up per batch, and a chance
+/// to wait in a run queue behind a busy thread. The shard's thread does the rest:
+/// reads and the other operations ([`Command::Run`], in its queue), the sync
+/// timer, what the sync thread reports, retention, and stopping.
+pub(crate) struct ShardCell {
+    /// `None` once the shard stopped: appends are then refused as closed.
+    state: Mutex<Option<Owned>>,
+    /// Wakes the shard's thread when an append set the sync timer (the thread may be
+    /// asleep until the next retention check).
+    kick: crossbeam_channel::Sender<()>,
     fsync: FsyncPolicy,
     observer: Arc<OnceLock<Arc<dyn AppendObserver>>>,
-) {
-    let mut syncer = Syncer::start(shard.id());
+}
+
+impl std::fmt::Debug for ShardCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardCell")
+            .field("fsync", &self.fsync)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The answer to an append: at once, or when the sync covering it ends.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Now(Result<Vec<Appended>, AppendError>),
+    Later(oneshot::Receiver<Result<Vec<Appended>, AppendError>>),
+}
+
+/// What the lock guards.
+struct Owned {
+    shard: Shard,
+    syncer: Syncer,
+    /// Appends waiting for a sync that has not started yet.
+    waiting: Vec<Waiter>,
+    sync_due: Option<Instant>,
+    /// Timestamps never go backwards within a shard, whatever the wall clock does.
+    now_ms: u64,
+}
+
+/// Starts the thread of `shard` (and its sync thread); returns the shard's cell, the
+/// queue of its thread (`queue_depth` commands before senders wait) and the thread.
+pub(crate) fn spawn(
+    mut shard: Shard,
+    fsync: FsyncPolicy,
+    observer: Arc<OnceLock<Arc<dyn AppendObserver>>>,
+    queue_depth: usize,
+) -> std::io::Result<(
+    Arc<ShardCell>,
+    crossbeam_channel::Sender<Command>,
+    std::thread::JoinHandle<()>,
+)> {
+    let id = shard.id();
+    let syncer = Syncer::start(id);
     if syncer.deletions.is_some() {
         shard.defer_deletions();
     }
-    // Appends waiting for a sync that has not started yet.
-    let mut waiting: Vec<Waiter> = Vec::new();
-    let mut sync_due: Option<Instant> = None;
-    let mut retention_due = Instant::now() + RETENTION_EVERY;
-    // Timestamps never go backwards within a shard, whatever the wall clock does.
-    let mut now_ms = wall_clock_ms();
-    loop {
-        // While a sync runs, its end wakes the loop, and the next is due then.
-        let deadline = match sync_due {
-            Some(due) if !syncer.is_running() => due.min(retention_due),
-            _ => retention_due,
+    let (kick, kicks) = crossbeam_channel::bounded(1);
+    let cell = Arc::new(ShardCell {
+        state: Mutex::new(Some(Owned {
+            shard,
+            syncer,
+            waiting: Vec::new(),
+            sync_due: None,
+            now_ms: wall_clock_ms(),
+        })),
+        kick,
+        fsync,
+        observer,
+    });
+    let (sender, commands) = crossbeam_channel::bounded(queue_depth);
+    let thread = std::thread::Builder::new()
+        .name(format!("shard-{id}"))
+        .spawn({
+            let cell = cell.clone();
+            move || run(&cell, &commands, &kicks)
+        })?;
+    Ok((cell, sender, thread))
+}
+
+impl ShardCell {
+    /// The state, unless the shard stopped (or a panic poisoned the lock: the
+    /// shard's state may be half changed, so it counts as stopped).
+    fn lock(&self) -> Option<MutexGuard<'_, Option<Owned>>> {
+        self.state.lock().ok().filter(|state| state.is_some())
+    }
+
+    /// Appends `records` here and now, hands them to the observer, and answers
+    /// at once or, when `ack` (or the fsync policy) wants a sync, once the sync
+    /// covering them ends. Holds the shard's lock for the copy into the segment.
+    pub(crate) fn append(&self, records: Vec<NewRecord>, ack: Ack) -> Answer {
+        let Some(mut guard) = self.lock() else {
+            return Answer::Now(Err(AppendError::Closed));
         };
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let event = crossbeam_channel::select! {
-            recv(commands) -> command => match command {
-                Ok(command) => Event::Command(command),
-                Err(_) => Event::Disconnected,
-            },
-            recv(syncer.finished) -> finished => match finished {
-                Ok(done) => Event::Done(done),
-                Err(_) => Event::SyncerGone,
-            },
-            default(timeout) => Event::Timeout,
-        };
-        let first = match event {
-            Event::Command(command) => Some(command),
-            Event::Done(done) => {
-                syncer.handle(&mut shard, done);
-                None
-            }
-            Event::SyncerGone => {
-                syncer.lost(&mut shard);
-                None
-            }
-            Event::Timeout => None,
-            Event::Disconnected => {
-                let _ = close(&mut shard, &mut syncer, &mut waiting);
-                return;
-            }
-        };
-        let mut stop = None;
-        for command in first.into_iter().chain(commands.try_iter().take(MAX_GROUP)) {
-            match command {
-                Command::Append {
-                    records,
-                    ack,
-                    reply,
-                } => {
-                    now_ms = now_ms.max(wall_clock_ms());
-                    let result = shard.append(&records, now_ms);
-                    if let (Ok(appended), Some(observer)) = (&result, observer.get()) {
-                        observer.appended(shard.id(), records, appended, now_ms);
-                    }
-                    let must_wait =
-                        result.is_ok() && (ack == Ack::Durable || fsync == FsyncPolicy::Always);
-                    if must_wait {
-                        waiting.push((reply, result));
-                    } else {
-                        let _ = reply.send(result);
-                    }
-                }
-                Command::Run(operation) => operation(&mut shard),
-                Command::Stop { reply } => {
-                    stop = Some(reply);
-                    break;
-                }
-            }
+        let owned = guard.as_mut().expect("checked by lock");
+        owned.now_ms = owned.now_ms.max(wall_clock_ms());
+        let result = owned.shard.append(&records, owned.now_ms);
+        if let (Ok(appended), Some(observer)) = (&result, self.observer.get()) {
+            observer.appended(owned.shard.id(), records, appended, owned.now_ms);
         }
-        if let Some(reply) = stop {
-            let result = close(&mut shard, &mut syncer, &mut waiting);
-            drop(syncer);
-            let _ = reply.send(result);
-            return;
+        let must_wait =
+            result.is_ok() && (ack == Ack::Durable || self.fsync == FsyncPolicy::Always);
+        let answer = if must_wait {
+            let (reply, receiver) = oneshot::channel();
+            owned.waiting.push((reply, result));
+            Answer::Later(receiver)
+        } else {
+            Answer::Now(result)
+        };
+        if owned.follow_up(self.fsync, Instant::now()) {
+            // Full: a kick is on its way already.
+            let _ = self.kick.try_send(());
         }
+        answer
+    }
+}
+
+impl Owned {
+    /// What follows appends and every event of the shard's thread: rolls and the
+    /// segments retention dropped go to the sync thread, the sync timer is set, and
+    /// a sync that is due begins (a message to the sync thread). Returns whether
+    /// the timer was set: the shard's thread must then learn of it.
+    fn follow_up(&mut self, fsync: FsyncPolicy, now: Instant) -> bool {
+        let Owned {
+            shard,
+            syncer,
+            waiting,
+            sync_due,
+            ..
+        } = self;
         // Rolls go to the sync thread before any sync of the segments after them.
-        syncer.hand_out(&mut shard);
+        syncer.hand_out(shard);
         // Segments retention dropped to make room for an append.
-        syncer.delete(&mut shard);
-        let now = Instant::now();
+        syncer.delete(shard);
         // While a sync runs the data it covers still counts as dirty: the timer is
         // set once it ends, for what was written since. A failed shard syncs no more.
+        let mut timer_set = false;
         if let FsyncPolicy::Interval(every) = fsync
             && sync_due.is_none()
             && !syncer.is_running()
             && shard.failure().is_none()
             && shard.is_dirty()
         {
-            sync_due = Some(now + every);
+            *sync_due = Some(now + every);
+            timer_set = true;
         }
         let sync_now = match fsync {
             FsyncPolicy::Always => !waiting.is_empty() || shard.is_dirty(),
@@ -636,17 +650,144 @@ pub(crate) fn run(
             FsyncPolicy::Never => !waiting.is_empty(),
         };
         // One sync at a time: what arrives meanwhile waits for the next, which
-        // starts when this one ends (its end wakes this loop).
+        // starts when this one ends (its end wakes the shard's thread).
         if sync_now && !syncer.is_running() {
-            sync_due = None;
-            syncer.begin(&mut shard, &mut waiting);
+            *sync_due = None;
+            syncer.begin(shard, waiting);
         }
+        timer_set
+    }
+
+    /// When the shard's thread must wake next, at the latest.
+    fn deadline(&self, retention_due: Instant) -> Instant {
+        // While a sync runs, its end wakes the thread, and the next is due then.
+        match self.sync_due {
+            Some(due) if !self.syncer.is_running() => due.min(retention_due),
+            _ => retention_due,
+        }
+    }
+
+    /// The last sync, when the shard stops: waits for the running one, syncs the
+    /// rest, answers every append still waiting, and stops the sync thread.
+    fn close(mut self) -> Result<(), IoError> {
+        let Owned {
+            shard,
+            syncer,
+            waiting,
+            ..
+        } = &mut self;
+        // The sync thread finishes them before it ends (dropping the syncer waits).
+        syncer.delete(shard);
+        syncer.settle(shard);
+        shard.discard_spare();
+        // Also runs the rolls not handed out.
+        let synced = shard.sync();
+        // A shard that failed a sync earlier must not let the store be marked clean: a
+        // later sync can succeed although the earlier data was dropped.
+        let result = match (synced, failed(shard)) {
+            (Ok(()), Some(reason)) => Err(IoError::new(
+                "closing shard",
+                shard.dir(),
+                std::io::Error::other(reason),
+            )),
+            (result, _) => result,
+        };
+        match &result {
+            Ok(()) => answer(waiting.drain(..), Ok(()), shard.id()),
+            Err(error) => answer(waiting.drain(..), Err(&error.to_string()), shard.id()),
+        }
+        // Joins the sync thread.
+        drop(self);
+        result
+    }
+}
+
+/// What woke the shard's thread.
+enum Event {
+    Command(Command),
+    Done(Done),
+    SyncerGone,
+    /// A timer, or an append that set the sync timer.
+    Timeout,
+    Disconnected,
+}
+
+/// Runs the shard's thread until it is told to stop or every sender is gone.
+fn run(cell: &ShardCell, commands: &Receiver<Command>, kicks: &Receiver<()>) {
+    let mut retention_due = Instant::now() + RETENTION_EVERY;
+    loop {
+        let (timeout, finished) = {
+            let Some(guard) = cell.lock() else { return };
+            let owned = guard.as_ref().expect("checked by lock");
+            let deadline = owned.deadline(retention_due);
+            (
+                deadline.saturating_duration_since(Instant::now()),
+                owned.syncer.finished.clone(),
+            )
+        };
+        let event = crossbeam_channel::select! {
+            recv(commands) -> command => match command {
+                Ok(command) => Event::Command(command),
+                Err(_) => Event::Disconnected,
+            },
+            recv(finished) -> finished => match finished {
+                Ok(done) => Event::Done(done),
+                Err(_) => Event::SyncerGone,
+            },
+            // The cell holds the sender: never disconnected while this runs.
+            recv(kicks) -> _ => Event::Timeout,
+            default(timeout) => Event::Timeout,
+        };
+        let first = {
+            let Some(mut guard) = cell.lock() else { return };
+            let owned = guard.as_mut().expect("checked by lock");
+            match event {
+                Event::Command(command) => Some(command),
+                Event::Done(done) => {
+                    owned.syncer.handle(&mut owned.shard, done);
+                    None
+                }
+                Event::SyncerGone => {
+                    // An appender may have noticed first (a send that failed).
+                    if owned.syncer.jobs.is_some() {
+                        owned.syncer.lost(&mut owned.shard);
+                    }
+                    None
+                }
+                Event::Timeout => None,
+                Event::Disconnected => {
+                    if let Some(owned) = guard.take() {
+                        let _ = owned.close();
+                    }
+                    return;
+                }
+            }
+        };
+        // One command at a time under the lock: appends go on in between.
+        for command in first.into_iter().chain(commands.try_iter().take(MAX_GROUP)) {
+            let Some(mut guard) = cell.lock() else { return };
+            match command {
+                Command::Run(operation) => {
+                    operation(&mut guard.as_mut().expect("checked by lock").shard)
+                }
+                Command::Stop { reply } => {
+                    let result = guard.take().map_or(Ok(()), Owned::close);
+                    let _ = reply.send(result);
+                    return;
+                }
+            }
+        }
+        let Some(mut guard) = cell.lock() else { return };
+        let owned = guard.as_mut().expect("checked by lock");
+        let now = Instant::now();
+        owned.follow_up(cell.fsync, now);
         if now >= retention_due {
             retention_due = now + RETENTION_EVERY;
-            if let Err(error) = shard.enforce_retention(now_ms.max(wall_clock_ms())) {
-                tracing::error!(shard = shard.id(), %error, "retention failed");
+            let now_ms = owned.now_ms.max(wall_clock_ms());
+            if let Err(error) = owned.shard.enforce_retention(now_ms) {
+                tracing::error!(shard = owned.shard.id(), %error, "retention failed");
             }
-            syncer.delete(&mut shard);
+            owned.syncer.delete(&mut owned.shard);
         }
     }
 }
@@ -660,36 +801,46 @@ mod tests {
     use crate::storage::log::{DiskBudget, SyncHold};
     use crate::storage::shard::ShardOptions;
 
-    type Answer = oneshot::Receiver<Result<Vec<Appended>, AppendError>>;
+    /// A running shard: its cell and its thread's queue.
+    struct Running(Arc<ShardCell>, crossbeam_channel::Sender<Command>);
+
+    fn spawned(shard: Shard) -> Running {
+        let (cell, sender, _thread) = spawn(shard, FsyncPolicy::Never, Arc::default(), 16).unwrap();
+        Running(cell, sender)
+    }
 
     /// A shard thread whose syncs wait for the returned hold (syncing only for
     /// durable acknowledgements).
-    fn start(dir: &Path) -> (crossbeam_channel::Sender<Command>, Arc<SyncHold>) {
+    fn start(dir: &Path) -> (Running, Arc<SyncHold>) {
         let options = ShardOptions::from_config(&StoreConfig::new(dir), 0);
         let budget = Arc::new(DiskBudget::new(None));
         let mut shard = Shard::open(dir, options, budget, Arc::default()).unwrap().0;
         let hold = Arc::new(SyncHold::default());
         shard.sync_hold = Some(hold.clone());
-        let (sender, receiver) = crossbeam_channel::bounded(16);
-        std::thread::spawn(move || run(shard, receiver, FsyncPolicy::Never, Arc::default()));
-        (sender, hold)
+        (spawned(shard), hold)
     }
 
-    fn append(shard: &crossbeam_channel::Sender<Command>, payload: &str, ack: Ack) -> Answer {
-        let (reply, answer) = oneshot::channel();
+    fn append(shard: &Running, payload: &str, ack: Ack) -> Answer {
         shard
-            .send(Command::Append {
-                records: vec![NewRecord::new("guild.1", payload.to_owned())],
-                ack,
-                reply,
-            })
-            .unwrap();
-        answer
+            .0
+            .append(vec![NewRecord::new("guild.1", payload.to_owned())], ack)
+    }
+
+    /// Whether the append is still waiting for its answer.
+    fn unanswered(answer: &mut Answer) -> bool {
+        match answer {
+            Answer::Now(_) => false,
+            Answer::Later(receiver) => receiver.try_recv().is_err(),
+        }
     }
 
     /// The answer, or a panic (releasing the hold, so no thread stays stuck) after
     /// 10 s.
-    fn within(mut answer: Answer, hold: &SyncHold) -> Result<Vec<Appended>, AppendError> {
+    fn within(answer: Answer, hold: &SyncHold) -> Result<Vec<Appended>, AppendError> {
+        let mut answer = match answer {
+            Answer::Now(result) => return result,
+            Answer::Later(receiver) => receiver,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match answer.try_recv() {
@@ -703,9 +854,9 @@ mod tests {
         }
     }
 
-    fn stop(shard: &crossbeam_channel::Sender<Command>) -> Result<(), IoError> {
+    fn stop(shard: &Running) -> Result<(), IoError> {
         let (reply, stopped) = crossbeam_channel::bounded(1);
-        shard.send(Command::Stop { reply }).unwrap();
+        shard.1.send(Command::Stop { reply }).unwrap();
         stopped
             .recv_timeout(Duration::from_secs(10))
             .expect("the shard stopped within 10 s")
@@ -722,8 +873,8 @@ mod tests {
         assert_eq!(written.unwrap()[0].offset, 1);
         let mut third = append(&shard, "c", Ack::Durable);
         std::thread::sleep(Duration::from_millis(50));
-        assert!(first.try_recv().is_err(), "answered before its sync ended");
-        assert!(third.try_recv().is_err());
+        assert!(unanswered(&mut first), "answered before its sync ended");
+        assert!(unanswered(&mut third));
         hold.release(false);
         assert_eq!(within(first, &hold).unwrap()[0].offset, 0);
         // The third append waited for a sync of its own, started after the first.
@@ -750,7 +901,7 @@ mod tests {
     /// `answers` are refused for a failed sync, and so is what follows, and the
     /// shard's close says it failed.
     fn refused_for_a_failed_sync<const N: usize>(
-        shard: &crossbeam_channel::Sender<Command>,
+        shard: &Running,
         hold: &SyncHold,
         answers: [Answer; N],
     ) {
@@ -773,10 +924,7 @@ mod tests {
     /// A shard thread with 64 KiB segments whose rolls wait for the returned hold,
     /// after 100 written appends of 1 KiB: about 60 fill a segment, so one roll
     /// is held, and the appends after it were answered meanwhile.
-    fn rolled_and_held(
-        dir: &Path,
-        budget: &Arc<DiskBudget>,
-    ) -> (crossbeam_channel::Sender<Command>, Arc<SyncHold>) {
+    fn rolled_and_held(dir: &Path, budget: &Arc<DiskBudget>) -> (Running, Arc<SyncHold>) {
         let mut config = StoreConfig::new(dir);
         config.segment_bytes = 64 << 10;
         config.max_batch_bytes = 32 << 10;
@@ -786,15 +934,14 @@ mod tests {
             .0;
         let hold = Arc::new(SyncHold::default());
         shard.hold_rolls(hold.clone());
-        let (sender, receiver) = crossbeam_channel::bounded(16);
-        std::thread::spawn(move || run(shard, receiver, FsyncPolicy::Never, Arc::default()));
+        let running = spawned(shard);
         let payload = "x".repeat(1000);
         for i in 0..100 {
-            let written = within(append(&sender, &payload, Ack::Written), &hold);
+            let written = within(append(&running, &payload, Ack::Written), &hold);
             assert_eq!(written.unwrap()[0].offset, i);
         }
         hold.wait_started(1);
-        (sender, hold)
+        (running, hold)
     }
 
     #[test]
@@ -804,7 +951,7 @@ mod tests {
         let mut durable = append(&shard, "after the roll", Ack::Durable);
         std::thread::sleep(Duration::from_millis(50));
         assert!(
-            durable.try_recv().is_err(),
+            unanswered(&mut durable),
             "answered before the roll sealed the segment before it"
         );
         hold.release(false);
