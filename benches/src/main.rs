@@ -107,6 +107,15 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The load generator turns transparent huge pages off for itself: mimalloc asks
+    // for them on its arenas, and khugepaged, collapsing them, held the process's
+    // memory map for milliseconds at a time, stalling the load generator's page
+    // faults — the same for every system measured (docs/benchmarks.md, "Nineteenth
+    // session"). The servers it starts get the machine's setting back
+    // (`systems::machine_thp`).
+    if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
+        eprintln!("could not turn transparent huge pages off: {error}");
+    }
     let result = match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)

@@ -399,3 +399,27 @@ fn serve_refuses_a_page_cache_setting_that_is_not_a_size() {
         "{err}"
     );
 }
+
+/// `THP_enabled` of a process's status (0 once it turned transparent huge pages off).
+fn thp_enabled(pid: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("THP_enabled:"))
+        .map(|value| value.trim().to_owned())
+        .unwrap_or_else(|| panic!("no THP_enabled in the status of {pid}"))
+}
+
+#[test]
+fn the_broker_turns_transparent_huge_pages_off_for_itself_unless_asked_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Process::start(dir.path());
+    assert_eq!(thp_enabled(&broker.child.id().to_string()), "0");
+    drop(broker);
+    // Kept: as the process that started it has them.
+    let broker = Process::start_with(dir.path(), &["--transparent-huge-pages"]);
+    assert_eq!(
+        thp_enabled(&broker.child.id().to_string()),
+        thp_enabled("self")
+    );
+}

@@ -81,6 +81,22 @@ pub struct Peers {
     pub redis_pid: u32,
 }
 
+/// `command` run with the machine's own transparent-huge-page setting: the load
+/// generator turns them off for itself (`main`), and a child would inherit that.
+/// Each server then runs as it would on its own (Switchyard's broker turns them off
+/// for itself, as Redis does).
+pub fn machine_thp(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: between fork and exec the closure makes one system call (prctl) and
+    // neither allocates nor takes a lock.
+    unsafe {
+        command.pre_exec(|| {
+            let _ = rustix::thread::disable_transparent_huge_pages(false);
+            Ok(())
+        })
+    }
+}
+
 impl Peers {
     pub fn script() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("peers.sh")
@@ -89,7 +105,7 @@ impl Peers {
     /// Installs (if missing) and starts nats-server and redis-server, data in `dir`.
     pub fn start(dir: &Path) -> Result<Peers> {
         std::fs::create_dir_all(dir)?;
-        let output = Command::new("bash")
+        let output = machine_thp(&mut Command::new("bash"))
             .arg(Self::script())
             .arg("start")
             .arg(dir)
@@ -172,7 +188,7 @@ impl PeerServer {
             .create(true)
             .append(true)
             .open(dir.with_extension("log"))?;
-        let child = Command::new("bash")
+        let child = machine_thp(&mut Command::new("bash"))
             .arg(Peers::script())
             .args(["serve", name])
             .arg(dir)
@@ -524,6 +540,26 @@ impl Consumer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The `THP_enabled` line of a shell started by `command`.
+    fn thp_line(command: &mut Command) -> String {
+        let output = command
+            .args(["-c", "grep THP_enabled /proc/self/status"])
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    #[test]
+    fn servers_get_the_machines_transparent_huge_page_setting_back() {
+        let machine = thp_line(&mut Command::new("sh"));
+        rustix::thread::disable_transparent_huge_pages(true).unwrap();
+        let inherited = thp_line(&mut Command::new("sh"));
+        let restored = thp_line(machine_thp(&mut Command::new("sh")));
+        rustix::thread::disable_transparent_huge_pages(false).unwrap();
+        assert!(inherited.trim_end().ends_with('0'), "{inherited:?}");
+        assert_eq!(restored, machine);
+    }
 
     #[test]
     fn too_little_free_space_is_refused_with_the_directory_and_both_figures() {

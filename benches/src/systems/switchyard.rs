@@ -27,7 +27,7 @@ impl Server {
     /// `data_dir`, and waits until it listens; returns it with how long that took.
     pub fn start(binary: &Path, data_dir: &Path, filters_dir: &Path) -> Result<(Server, Duration)> {
         let started = Instant::now();
-        let mut child = Command::new(binary)
+        let mut child = super::machine_thp(&mut Command::new(binary))
             .args([
                 "serve",
                 "--listen",

@@ -95,6 +95,13 @@ pub struct ServeArgs {
     /// Memory of each thread's Lua state, in MiB.
     #[arg(long, env = "SWITCHYARD_FILTER_MEMORY_MIB", default_value_t = 64)]
     filter_memory_mib: usize,
+    /// Keep transparent huge pages on for the broker's process. By default the broker
+    /// turns them off for itself (as Redis does): the kernel's khugepaged, collapsing
+    /// the allocator's pages into huge ones, holds the process's memory map and
+    /// stalls every thread that faults a page meanwhile (milliseconds, measured in
+    /// docs/benchmarks.md, "Nineteenth session").
+    #[arg(long, env = "SWITCHYARD_TRANSPARENT_HUGE_PAGES")]
+    transparent_huge_pages: bool,
 }
 
 /// The settings, checked.
@@ -200,7 +207,25 @@ async fn shutdown_signal() {
     }
 }
 
+/// Turns transparent huge pages off for this process (`PR_SET_THP_DISABLE`; the
+/// processes it starts inherit it). mimalloc asks for huge pages on its arenas
+/// (`MADV_HUGEPAGE`), so on a machine set to `madvise` or `always` khugepaged keeps
+/// collapsing the broker's freshly freed and reused pages, each time holding the
+/// memory-map lock that every page fault of the process needs.
+#[cfg(target_os = "linux")]
+fn disable_transparent_huge_pages() {
+    if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(%error, "could not turn transparent huge pages off");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn disable_transparent_huge_pages() {}
+
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if !args.transparent_huge_pages {
+        disable_transparent_huge_pages();
+    }
     let mut settings = args.validate()?;
     let (filters, report) = FilterSet::load(&settings.filters_dir, settings.filter_limits);
     for error in &report.failed {
