@@ -113,6 +113,7 @@ fn main() -> ExitCode {
     // faults — the same for every system measured (docs/benchmarks.md, "Nineteenth
     // session"). The servers it starts get the machine's setting back
     // (`systems::machine_thp`).
+    systems::remember_thp();
     if let Err(error) = rustix::thread::disable_transparent_huge_pages(true) {
         eprintln!("could not turn transparent huge pages off: {error}");
     }

@@ -412,14 +412,15 @@ fn thp_enabled(pid: &str) -> String {
 
 #[test]
 fn the_broker_turns_transparent_huge_pages_off_for_itself_unless_asked_not_to() {
+    if thp_enabled("self") != "1" {
+        eprintln!("skipped: transparent huge pages are not on for this test");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let broker = Process::start(dir.path());
     assert_eq!(thp_enabled(&broker.child.id().to_string()), "0");
     drop(broker);
     // Kept: as the process that started it has them.
     let broker = Process::start_with(dir.path(), &["--transparent-huge-pages"]);
-    assert_eq!(
-        thp_enabled(&broker.child.id().to_string()),
-        thp_enabled("self")
-    );
+    assert_eq!(thp_enabled(&broker.child.id().to_string()), "1");
 }

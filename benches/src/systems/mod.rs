@@ -81,17 +81,29 @@ pub struct Peers {
     pub redis_pid: u32,
 }
 
-/// `command` run with the machine's own transparent-huge-page setting: the load
-/// generator turns them off for itself (`main`), and a child would inherit that.
-/// Each server then runs as it would on its own (Switchyard's broker turns them off
-/// for itself, as Redis does).
+/// Whether transparent huge pages were off for the load generator as started,
+/// before `main` turned them off.
+static THP_OFF_AT_START: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Notes the load generator's transparent-huge-page setting as started (call it
+/// before turning them off).
+pub fn remember_thp() {
+    let off = rustix::thread::transparent_huge_pages_are_disabled().unwrap_or(false);
+    THP_OFF_AT_START.store(off, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `command` run with the transparent-huge-page setting the load generator was
+/// started with (the machine's, normally): it turns them off for itself (`main`),
+/// and a child would inherit that. Each server then runs as it would on its own
+/// (Switchyard's broker turns them off for itself, as Redis does).
 pub fn machine_thp(command: &mut Command) -> &mut Command {
     use std::os::unix::process::CommandExt as _;
+    let off = THP_OFF_AT_START.load(std::sync::atomic::Ordering::Relaxed);
     // SAFETY: between fork and exec the closure makes one system call (prctl) and
     // neither allocates nor takes a lock.
     unsafe {
-        command.pre_exec(|| {
-            let _ = rustix::thread::disable_transparent_huge_pages(false);
+        command.pre_exec(move || {
+            let _ = rustix::thread::disable_transparent_huge_pages(off);
             Ok(())
         })
     }
@@ -553,6 +565,11 @@ mod tests {
     #[test]
     fn servers_get_the_machines_transparent_huge_page_setting_back() {
         let machine = thp_line(&mut Command::new("sh"));
+        if machine.trim_end() != "THP_enabled:\t1" {
+            eprintln!("skipped: transparent huge pages are not on here ({machine:?})");
+            return;
+        }
+        remember_thp();
         rustix::thread::disable_transparent_huge_pages(true).unwrap();
         let inherited = thp_line(&mut Command::new("sh"));
         let restored = thp_line(machine_thp(&mut Command::new("sh")));

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::storage::{AppendObserver, Appended, NewRecord, Topic};
 
 /// Records one shard appended in one step, shared by every stream that follows
-/// some of them (nothing is copied per stream on the writer's thread).
+/// some of them (nothing is copied per stream on the appending thread).
 #[derive(Debug)]
 pub struct LiveBatch {
     pub records: Vec<NewRecord>,
@@ -284,8 +284,8 @@ impl SubscriptionHub {
     }
 
     /// Starts delivering `topic`'s new records to subscription `id` of `sink`. Call it
-    /// on the shard's thread (which holds the shard's lock), so that no append falls between reading the topic's
-    /// next offset and this.
+    /// on the shard's thread (which holds the shard's lock), so that no append falls
+    /// between reading the topic's next offset and this.
     pub fn follow(
         &self,
         shard: u32,

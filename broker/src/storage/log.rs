@@ -446,7 +446,7 @@ impl SegmentLog {
     /// A roll does no disk sync here: the new segment comes from the spare file
     /// when one is ready, and the seal's syncs are left as a [`Roll`] for the
     /// shard's sync thread ([`SegmentLog::take_rolls`]); they took 5–20 ms per
-    /// roll on the benchmark machine, time the shard's thread would not append or
+    /// roll on the benchmark machine, time the shard would not append or
     /// deliver.
     pub fn ensure_room(&mut self, bytes: usize) -> Result<(), AppendError> {
         if let Some(last) = self.segments.last()

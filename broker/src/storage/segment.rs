@@ -575,7 +575,7 @@ impl Segment {
     /// This unmaps the pages from the segment's mapping at once; dropping them from
     /// the page cache is the returned [`CacheRelease`], which may run on any thread.
     /// The shard's sync thread runs it: `posix_fadvise` took 0.3–14 ms per 4 MiB
-    /// on the benchmark machine, time the shard's thread would not append.
+    /// on the benchmark machine, time the shard would not append.
     ///
     /// Why: every page a growing log adds to the page cache is a page of memory
     /// touched for the first time, which costs more than the copy into it where

@@ -7,7 +7,7 @@
 //! walk reads records up to `2^k` of the topic's records back (the target itself): at
 //! a power of two, the whole of the topic's history. Those records are old. With a
 //! page-cache window (`StoreConfig::page_cache_per_shard`) they have left memory, so
-//! the append stalls the shard's thread on a disk read, and every append behind it
+//! the append stalls on a disk read, holding the shard, and every append behind it
 //! waits. Measured (100 B records, one topic, 64 MiB window, ~2M records/s): a major
 //! fault every 2^19 records, 25–40 MB/s read back from the disk (readahead).
 //!

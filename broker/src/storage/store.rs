@@ -69,7 +69,7 @@ struct Inner {
     /// Held while open: a second process must not write the same files. Released by
     /// close.
     lock: Mutex<Option<DirLock>>,
-    /// Told of every append by the shard threads, once set.
+    /// Told of every append (under its shard's lock), once set.
     observer: Arc<OnceLock<Arc<dyn AppendObserver>>>,
 }
 
@@ -109,7 +109,7 @@ fn load_manifest(config: &StoreConfig) -> Result<Manifest, OpenError> {
 
 impl Store {
     /// Opens (creating if needed) the data directory, recovers every shard and starts
-    /// their writer threads.
+    /// its threads.
     pub fn open(config: StoreConfig) -> Result<Store, OpenError> {
         config.validate()?;
         let dir = config.data_dir.clone();
@@ -251,7 +251,7 @@ impl Store {
         Ok(opened)
     }
 
-    /// Installs the observer every shard thread tells of its appends (see
+    /// Installs the observer every append is told to (see
     /// [`AppendObserver`]). It can be set once; a second call returns it back.
     pub fn set_append_observer(
         &self,
@@ -354,7 +354,7 @@ impl Store {
     }
 
     /// [`Store::submit`] for async code (the same call: appending does not wait for
-    /// the disk).
+    /// a sync).
     pub async fn submit_async(
         &self,
         records: Vec<NewRecord>,
@@ -543,15 +543,22 @@ impl Inner {
             return Ok(());
         };
         let mut receivers = Vec::new();
-        for sender in &self.senders {
+        for (id, sender) in self.senders.iter().enumerate() {
             let (reply, receiver) = crossbeam_channel::bounded(1);
-            if sender.send(Command::Stop { reply }).is_ok() {
-                receivers.push(receiver);
-            }
+            // A shard whose thread is gone (a panic) was not closed: no answer.
+            let _ = sender.send(Command::Stop { reply });
+            receivers.push((id as u32, receiver));
         }
         let mut result = Ok(());
-        for receiver in receivers {
-            if let Ok(Err(error)) = receiver.recv()
+        for (id, receiver) in receivers {
+            let closed = receiver.recv().unwrap_or_else(|_| {
+                Err(IoError::new(
+                    "closing shard",
+                    shard_dir(&self.config.data_dir, id),
+                    std::io::Error::other("the shard stopped without closing (a panic)"),
+                ))
+            });
+            if let Err(error) = closed
                 && result.is_ok()
             {
                 result = Err(error);

@@ -578,7 +578,19 @@ impl ShardCell {
     /// The state, unless the shard stopped (or a panic poisoned the lock: the
     /// shard's state may be half changed, so it counts as stopped).
     fn lock(&self) -> Option<MutexGuard<'_, Option<Owned>>> {
-        self.state.lock().ok().filter(|state| state.is_some())
+        match self.state.lock() {
+            Ok(guard) => Some(guard).filter(|state| state.is_some()),
+            Err(poisoned) => {
+                // The first to find it poisoned answers the appends still waiting
+                // (nothing can be promised for them) and stops the sync thread;
+                // later appends are refused as closed, and the store's close
+                // reports the shard as not closed cleanly.
+                if let Some(owned) = poisoned.into_inner().take() {
+                    owned.abandon("a panic while the shard's lock was held");
+                }
+                None
+            }
+        }
     }
 
     /// Appends `records` here and now, hands them to the observer, and answers
@@ -667,6 +679,17 @@ impl Owned {
         }
     }
 
+    /// Gives up on the shard after a panic: refuses every append waiting for a sync
+    /// (the one running included) and stops the sync thread.
+    fn abandon(mut self, reason: &str) {
+        let id = self.shard.id();
+        tracing::error!(shard = id, reason, "shard abandoned");
+        answer(self.waiting.drain(..), Err(reason), id);
+        if let Some(covered) = self.syncer.running.take() {
+            answer(covered.into_iter(), Err(reason), id);
+        }
+    }
+
     /// The last sync, when the shard stops: waits for the running one, syncs the
     /// rest, answers every append still waiting, and stops the sync thread.
     fn close(mut self) -> Result<(), IoError> {
@@ -745,6 +768,8 @@ fn run(cell: &ShardCell, commands: &Receiver<Command>, kicks: &Receiver<()>) {
                 Event::Command(command) => Some(command),
                 Event::Done(done) => {
                     owned.syncer.handle(&mut owned.shard, done);
+                    // The next sync, if one is due, starts now.
+                    owned.follow_up(cell.fsync, Instant::now());
                     None
                 }
                 Event::SyncerGone => {
@@ -756,14 +781,17 @@ fn run(cell: &ShardCell, commands: &Receiver<Command>, kicks: &Receiver<()>) {
                 }
                 Event::Timeout => None,
                 Event::Disconnected => {
-                    if let Some(owned) = guard.take() {
+                    // Closed outside the lock: appends meanwhile are refused at once.
+                    let owned = guard.take();
+                    drop(guard);
+                    if let Some(owned) = owned {
                         let _ = owned.close();
                     }
                     return;
                 }
             }
         };
-        // One command at a time under the lock: appends go on in between.
+        // One command at a time under the lock: appends may take it in between.
         for command in first.into_iter().chain(commands.try_iter().take(MAX_GROUP)) {
             let Some(mut guard) = cell.lock() else { return };
             match command {
@@ -771,8 +799,9 @@ fn run(cell: &ShardCell, commands: &Receiver<Command>, kicks: &Receiver<()>) {
                     operation(&mut guard.as_mut().expect("checked by lock").shard)
                 }
                 Command::Stop { reply } => {
-                    let result = guard.take().map_or(Ok(()), Owned::close);
-                    let _ = reply.send(result);
+                    let owned = guard.take();
+                    drop(guard);
+                    let _ = reply.send(owned.map_or(Ok(()), Owned::close));
                     return;
                 }
             }
@@ -896,6 +925,34 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         hold.release(true);
         refused_for_a_failed_sync(&shard, &hold, [first, second]);
+    }
+
+    #[test]
+    fn a_panic_under_the_lock_refuses_the_appends_waiting_and_those_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (shard, hold) = start(dir.path());
+        let waiting = append(&shard, "a", Ack::Durable);
+        hold.wait_started(1);
+        shard
+            .1
+            .send(Command::Run(Box::new(|_| {
+                panic!("an operation that panics")
+            })))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !shard.0.state.is_poisoned() {
+            assert!(Instant::now() < deadline, "the operation never ran");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The held sync may end now: abandoning the shard waits for its thread.
+        hold.release(false);
+        let later = within(append(&shard, "b", Ack::Written), &hold);
+        assert!(matches!(later, Err(AppendError::Closed)), "{later:?}");
+        let error = within(waiting, &hold).unwrap_err();
+        assert!(
+            matches!(&error, AppendError::ShardFailed { reason, .. } if reason.contains("panic")),
+            "{error:?}"
+        );
     }
 
     /// `answers` are refused for a failed sync, and so is what follows, and the

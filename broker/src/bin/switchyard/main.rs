@@ -70,6 +70,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // Before the runtime's threads and the allocator's arenas are made.
+    if let Command::Serve(args) = &cli.command {
+        serve::transparent_huge_pages(args);
+    }
     let result = tokio::runtime::Runtime::new()
         .map_err(anyhow::Error::from)
         .and_then(|runtime| match cli.command {

@@ -222,10 +222,14 @@ fn disable_transparent_huge_pages() {
 #[cfg(not(target_os = "linux"))]
 fn disable_transparent_huge_pages() {}
 
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// Turns transparent huge pages off for the broker unless `--transparent-huge-pages`.
+pub fn transparent_huge_pages(args: &ServeArgs) {
     if !args.transparent_huge_pages {
         disable_transparent_huge_pages();
     }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut settings = args.validate()?;
     let (filters, report) = FilterSet::load(&settings.filters_dir, settings.filter_limits);
     for error in &report.failed {
